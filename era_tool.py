@@ -1,0 +1,1367 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""era_tool: incremental backups of raw block devices with Linux dm-era.
+
+dm-era records which blocks of a device were written in which era;
+era_invalidate prints those blocks as XML.  era_tool turns that list into a
+self-checking stream of the changed data and applies the stream to a mirror
+file or block device on another host.
+
+Usage examples::
+
+    # estimate: how much changed since era 42
+    era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
+        | python3 era_tool.py copy 1024
+    # copy the changed blocks to a backup host
+    era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
+        | python3 era_tool.py copy 1024 /dev/mapper/root_era \\
+        | ssh backup python3 era_tool.py apply /backup/root.img
+    # the first, full copy
+    python3 era_tool.py copy --full 1024 /dev/mapper/root_era > full.era
+    # check a stream without writing anything
+    python3 era_tool.py info -i full.era
+
+Exit codes: 0 success, 1 error (one line on stderr), 2 usage error,
+130 interrupted.
+
+Stream format (all integers little-endian; CRC-32 is zlib.crc32):
+
+    header   magic        8  89 45 52 41 0d 0a 1a 0a  ("\\x89ERA\\r\\n\\x1a\\n")
+             version      2  1
+             flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy
+             device_size  8  bytes of the source device
+             total_bytes  8  bytes covered by all chunks (data + zero)
+             block_size   4  dm-era block size, 512-byte sectors
+             chunk_size   4  largest payload of one chunk, bytes
+             since_era    4  chain position (0 when flag unset)
+             era          4  chain position (0 when flag unset)
+             created      8  seconds since the epoch, signed
+             id_length    4  bytes of source id that follow (at most 1024)
+             source_id    n  UTF-8
+             header_crc   4  CRC-32 of every header byte before it
+    chunk    tag          4  b"DATA" (payload follows) or b"ZERO" (none)
+             seq          4  chunk number, from 0
+             offset       8  byte offset in the device
+             length       4  bytes (1 .. chunk_size)
+             crc          4  CRC-32 of the payload then of the 20 bytes
+                             above, starting from header_crc
+             payload      length bytes, DATA only
+    trailer  tag          4  b"DONE"
+             chunks       4  number of chunks
+             data_bytes   8  payload bytes of DATA chunks
+             zero_bytes   8  bytes covered by ZERO chunks
+             stream_crc   4  CRC-32 of the whole header, every 24-byte
+                             chunk header and the 24 trailer bytes above
+    end of stream: nothing may follow the trailer.
+
+The original era_copy stream ("legacy"): per range, b"ERARANGE", offset and
+length as signed 64-bit host-order integers, then the data.  No header, no
+checksum, no end marker.  apply reads both; copy --format legacy writes it.
+"""
+
+import argparse
+import array
+import errno
+import hashlib
+import io
+import itertools
+import json
+import mmap
+import os
+import signal
+import stat
+import struct
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+import zlib
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+SECTOR = 512                      # dm-era block sizes are counted in these
+DIRECT_ALIGN = 4096               # O_DIRECT buffer, offset and length alignment
+CHUNK_SIZE = 4 << 20              # payload of one chunk written by copy
+MAX_CHUNK_SIZE = 64 << 20         # largest chunk apply accepts (memory bound)
+MAX_SOURCE_ID = 1024              # bytes of source id in a header
+MAX_BLOCK = 1 << 32               # dm-era counts blocks in 32 bits
+LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
+XML_READ = 1 << 16                # block list is fed to the parser in these
+
+MAGIC = b"\x89ERA\r\n\x1a\n"      # high bit, CR LF, ^Z: catches text-mode damage
+FORMAT_VERSION = 1
+FLAG_SINCE_ERA = 1
+FLAG_ERA = 2
+FLAG_FULL = 4
+KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL
+
+TAG_DATA = b"DATA"
+TAG_ZERO = b"ZERO"
+TAG_DONE = b"DONE"
+
+# magic, version, flags, device_size, total_bytes, block_size, chunk_size,
+# since_era, era, created, id_length; then source id and header_crc
+HEADER = struct.Struct("<8sHHQQIIIIqI")
+CRC = struct.Struct("<I")
+# tag, seq, offset, length: the part of a chunk header its crc covers
+CHUNK_FIELDS = struct.Struct("<4sIQI")
+CHUNK = struct.Struct("<4sIQII")
+# tag, chunks, data_bytes, zero_bytes; then stream_crc
+TRAILER_FIELDS = struct.Struct("<4sIQQ")
+
+LEGACY_MAGIC = b"ERARANGE"
+LEGACY_RECORD = struct.Struct("=8sqq")   # host byte order, as the C tool wrote
+
+FORMATS = ("era", "legacy")
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+
+class EraError(Exception):
+    """An error reported as one line and exit status 1."""
+
+
+class BlockListError(EraError):
+    """The block list is not a complete era_invalidate list."""
+
+
+class DeviceError(EraError):
+    """A source or destination cannot be used or fails."""
+
+
+class StreamError(EraError):
+    """A stream is not one, or is damaged."""
+
+
+class TruncatedStream(StreamError):
+    """A stream ends early."""
+
+
+class ChecksumMismatch(StreamError):
+    """A stream's data does not match its checksum."""
+
+
+# ---------------------------------------------------------------------------
+# Block list: era_invalidate XML
+# ---------------------------------------------------------------------------
+
+
+class RangeList:
+    """Sorted, merged, non-overlapping [begin, end) ranges of era blocks.
+
+    Kept in two arrays rather than a list of tuples: a worst-case list has
+    close to a million entries.
+    """
+
+    def __init__(self):
+        self.begins = array.array("Q")
+        self.ends = array.array("Q")
+
+    def __len__(self):
+        return len(self.begins)
+
+    def __iter__(self):
+        return zip(self.begins, self.ends)
+
+    @property
+    def blocks(self):
+        return sum(self.ends) - sum(self.begins)
+
+    @classmethod
+    def from_unsorted(cls, begins, ends):
+        """Sort by begin and merge adjacent and overlapping ranges."""
+        result = cls()
+        ordered = all(begins[i] <= begins[i + 1] for i in range(len(begins) - 1))
+        pairs = zip(begins, ends) if ordered else sorted(zip(begins, ends))
+        for begin, end in pairs:
+            if result.ends and begin <= result.ends[-1]:
+                if end > result.ends[-1]:
+                    result.ends[-1] = end
+            else:
+                result.begins.append(begin)
+                result.ends.append(end)
+        return result
+
+
+class _BlockListTarget:
+    """xml.etree parser target: checks each element as it arrives.
+
+    Nothing is built in memory but the two arrays of numbers, so a list of a
+    million elements costs a few megabytes.
+    """
+
+    def __init__(self):
+        self.begins = array.array("Q")
+        self.ends = array.array("Q")
+        self.depth = 0
+        self.seen_root = False
+        self.closed_root = False
+
+    def doctype(self, name, pubid, system):
+        # A DOCTYPE is the door to entity tricks; era_invalidate never writes one.
+        raise BlockListError("block list has a DOCTYPE; era_invalidate never writes one")
+
+    def pi(self, target, text):
+        raise BlockListError("block list has a processing instruction <?%s?>" % target)
+
+    def comment(self, text):
+        pass
+
+    def data(self, text):
+        if text.strip():
+            raise BlockListError("block list has unexpected text %r" % text.strip()[:40])
+
+    def start(self, tag, attrib):
+        self.depth += 1
+        if self.depth == 1:
+            if tag != "blocks" or attrib:
+                raise BlockListError("block list root must be <blocks>, not %s"
+                                     % _describe(tag, attrib))
+            self.seen_root = True
+        elif self.depth == 2 and tag == "block" and set(attrib) == {"block"}:
+            begin = _block_number(tag, attrib, "block")
+            self._add(begin, begin + 1)
+        elif self.depth == 2 and tag == "range" and set(attrib) == {"begin", "end"}:
+            begin = _block_number(tag, attrib, "begin")
+            end = _block_number(tag, attrib, "end")
+            if end <= begin:
+                raise BlockListError("%s: end must be greater than begin"
+                                     % _describe(tag, attrib))
+            self._add(begin, end)
+        else:
+            raise BlockListError("unexpected element %s in block list"
+                                 % _describe(tag, attrib))
+
+    def _add(self, begin, end):
+        if end > MAX_BLOCK:
+            raise BlockListError("block %d is out of range (dm-era counts blocks in 32 bits)"
+                                 % (end - 1))
+        self.begins.append(begin)
+        self.ends.append(end)
+
+    def end(self, tag):
+        self.depth -= 1
+        if self.depth == 0:
+            self.closed_root = True
+
+    def close(self):
+        return None
+
+
+def _describe(tag, attrib):
+    attrs = "".join(' %s="%s"' % item for item in sorted(attrib.items()))
+    return "<%s%s>" % (tag, attrs)
+
+
+def _block_number(tag, attrib, name):
+    text = attrib[name].strip()
+    if text.isascii():
+        if text.isdigit():
+            return int(text)
+        if text.startswith("-") and text[1:].isdigit():
+            raise BlockListError("%s: negative %s" % (_describe(tag, attrib), name))
+    raise BlockListError("%s: %s is not a whole number" % (_describe(tag, attrib), name))
+
+
+def parse_block_list(stream):
+    """Read era_invalidate XML from a binary file; return a RangeList.
+
+    The whole list is read and checked before anything is copied: a list cut
+    short (era_invalidate died) must never be mistaken for a short list.
+    """
+    target = _BlockListTarget()
+    parser = ElementTree.XMLParser(target=target)
+    try:
+        while True:
+            piece = stream.read(XML_READ)
+            if not piece:
+                break
+            parser.feed(piece)
+        if not target.seen_root:
+            raise BlockListError("block list is empty: no <blocks> element "
+                                 "(did era_invalidate fail?)")
+        if not target.closed_root:
+            raise BlockListError("block list ends before </blocks> "
+                                 "(did era_invalidate fail?)")
+        parser.close()
+    except ElementTree.ParseError as exc:
+        if not target.seen_root and str(exc).startswith("no element found"):
+            raise BlockListError("block list is empty: no <blocks> element "
+                                 "(did era_invalidate fail?)") from None
+        raise BlockListError("block list is not valid XML: %s" % exc) from None
+    return RangeList.from_unsorted(target.begins, target.ends)
+
+
+def byte_ranges(ranges, block_bytes, device_size=None):
+    """Yield (offset, length) in bytes; clip the last block at the device end."""
+    for begin, end in ranges:
+        offset = begin * block_bytes
+        stop = end * block_bytes
+        if device_size is not None:
+            stop = min(stop, device_size)
+        yield offset, stop - offset
+
+
+def check_ranges_fit(ranges, block_bytes, device_size, device_name):
+    """Refuse a list that names a block past the device: wrong size or device."""
+    nr_blocks = -(-device_size // block_bytes)   # the last block may be partial
+    if len(ranges) and ranges.ends[-1] > nr_blocks:
+        raise DeviceError("block %d is beyond the end of %s (%d bytes): "
+                          "wrong block size or device?"
+                          % (ranges.ends[-1] - 1, device_name, device_size))
+
+
+# ---------------------------------------------------------------------------
+# Devices and files
+# ---------------------------------------------------------------------------
+
+
+def aligned_buffer(size):
+    """A zeroed, page-aligned buffer that O_DIRECT reads accept."""
+    size = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    return mmap.mmap(-1, size)
+
+
+def fd_size(fd):
+    """Size in bytes of an open regular file or block device."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fstat(fd).st_size
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _os_error(exc, what):
+    return DeviceError("%s: %s" % (what, exc.strerror or exc))
+
+
+class Source:
+    """A device read with O_DIRECT, in aligned pieces.
+
+    The block device's page cache can hold data older than what a mounted
+    filesystem wrote through it, so cached reads may copy stale blocks.
+    Where O_DIRECT is refused (tmpfs), the cache is dropped and read instead.
+    """
+
+    def __init__(self, path, warn):
+        self.path = path
+        self.warn = warn
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            if self.direct:
+                try:
+                    self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.fd = os.open(path, os.O_RDONLY)
+                    self._go_buffered()
+            else:
+                self.fd = os.open(path, os.O_RDONLY)
+                self._go_buffered()
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                os.close(self.fd)
+                raise DeviceError("%s is not a block device or regular file" % path)
+            self.size = fd_size(self.fd)
+        except OSError as exc:
+            raise _os_error(exc, "cannot open %s" % path) from None
+        self.buffer = aligned_buffer(CHUNK_SIZE)
+        self.view = memoryview(self.buffer)
+
+    def _go_buffered(self):
+        if self.direct and hasattr(os, "O_DIRECT"):
+            self.warn("%s does not accept O_DIRECT; reading through the page cache, "
+                      "dropped first" % self.path)
+        self.direct = False
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
+    def read(self, offset, length):
+        """Return a memoryview of exactly `length` bytes at `offset`."""
+        want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN if self.direct else length
+        done = 0
+        while done < length:
+            try:
+                got = os.preadv(self.fd, [self.view[done:want]], offset + done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and self.direct and done == 0:
+                    # Some filesystems accept O_DIRECT at open and refuse reads.
+                    os.close(self.fd)
+                    self.fd = os.open(self.path, os.O_RDONLY)
+                    self._go_buffered()
+                    return self.read(offset, length)
+                raise _os_error(exc, "read error at offset %d of %s" % (offset + done,
+                                                                        self.path)) from None
+            if got == 0:
+                raise DeviceError("%s ended at offset %d, expected %d bytes: "
+                                  "did the device shrink?" % (self.path, offset + done,
+                                                              offset + length))
+            done += got
+            if self.direct and done % DIRECT_ALIGN:
+                break  # a short direct read only happens at the end of the device
+        if done < length:
+            raise DeviceError("%s ended at offset %d, expected %d bytes: did the device shrink?"
+                              % (self.path, offset + done, offset + length))
+        return self.view[:length]
+
+    def close(self):
+        # The buffer goes with the last view handed out; only the fd needs closing.
+        os.close(self.fd)
+
+
+class Destination:
+    """The mirror: a regular file (created, grown) or a block device (O_EXCL)."""
+
+    def __init__(self, path, create=True):
+        self.path = path
+        try:
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                if not create:
+                    raise
+                mode = None
+            self.is_block = mode is not None and stat.S_ISBLK(mode)
+            if mode is not None and not (self.is_block or stat.S_ISREG(mode)):
+                raise DeviceError("%s is not a regular file or block device" % path)
+            flags = os.O_WRONLY
+            if self.is_block:
+                # O_EXCL on a block device: refuse one that is mounted or in use.
+                flags |= os.O_EXCL
+            elif create:
+                flags |= os.O_CREAT
+            self.fd = os.open(path, flags, 0o644)
+            self.size = fd_size(self.fd)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise DeviceError("%s is busy (mounted or in use); refusing to write to it"
+                                  % path) from None
+            raise _os_error(exc, "cannot open %s" % path) from None
+        self.initial_size = self.size
+        self.zeros = b""
+
+    def fit(self, device_size, force):
+        """Check the mirror against the source size; grow a file to it."""
+        if self.is_block:
+            if device_size > self.size:
+                raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
+                                  % (device_size, self.path, self.size))
+            return
+        if self.size > device_size and not force:
+            raise DeviceError("%s (%d bytes) is larger than the source (%d bytes): "
+                              "wrong mirror? --force writes to it anyway"
+                              % (self.path, self.size, device_size))
+        if self.size < device_size:
+            try:
+                os.ftruncate(self.fd, device_size)
+            except OSError as exc:
+                raise _os_error(exc, "cannot grow %s" % self.path) from None
+            self.size = device_size
+
+    def check_span(self, offset, length):
+        if self.is_block and offset + length > self.size:
+            raise DeviceError("record at offset %d (%d bytes) is past the end of %s "
+                              "(%d bytes)" % (offset, length, self.path, self.size))
+
+    def write(self, offset, data):
+        view = memoryview(data)
+        try:
+            while len(view):
+                done = os.pwrite(self.fd, view, offset)
+                view = view[done:]
+                offset += done
+        except OSError as exc:
+            raise _os_error(exc, "write error at offset %d of %s" % (offset, self.path)) from None
+
+    def write_zeros(self, offset, length):
+        # A file grown by this apply already reads as zeros there.
+        if not self.is_block and offset >= self.initial_size:
+            return
+        while length:
+            piece = min(length, CHUNK_SIZE)
+            if len(self.zeros) < piece:
+                self.zeros = bytes(CHUNK_SIZE)
+            self.write(offset, memoryview(self.zeros)[:piece])
+            offset += piece
+            length -= piece
+
+    def truncate(self, size):
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _os_error(exc, "cannot shrink %s" % self.path) from None
+        self.size = size
+
+    def sync(self):
+        """Make everything written durable: exit 0 promises it."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _os_error(exc, "cannot sync %s" % self.path) from None
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Output:
+    """Where a stream goes: a file descriptor written with full writes."""
+
+    def __init__(self, path):
+        self.path = path
+        if path is None or path == "-":
+            self.fd = sys.stdout.fileno()
+            self.name = "standard output"
+            self.created = False
+        else:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as exc:
+                raise _os_error(exc, "cannot create %s" % path) from None
+            self.name = path
+            self.created = True
+        if os.isatty(self.fd):
+            raise EraError("refusing to write a stream to a terminal; "
+                           "redirect it or use -o FILE")
+
+    def write(self, *pieces):
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                while len(view):
+                    view = view[os.write(self.fd, view):]
+        except BrokenPipeError:
+            raise EraError("%s was closed before the stream ended "
+                           "(did the receiving side fail?)" % self.name) from None
+        except OSError as exc:
+            raise _os_error(exc, "cannot write to %s" % self.name) from None
+
+    def finish(self):
+        if self.created:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise _os_error(exc, "cannot sync %s" % self.name) from None
+
+    def close(self, failed=False):
+        if self.created:
+            os.close(self.fd)
+            if failed:
+                # Half a stream file is worse than none: remove it.
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------
+# Stream writer
+# ---------------------------------------------------------------------------
+
+
+class StreamHeader:
+    """The fields of a stream header, and their bytes."""
+
+    def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
+                 since_era=None, era=None, full=False, created=None, source_id="",
+                 version=FORMAT_VERSION):
+        self.version = version
+        self.device_size = device_size
+        self.total_bytes = total_bytes
+        self.block_size = block_size
+        self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
+        self.since_era = since_era
+        self.era = era
+        self.full = full
+        self.created = int(time.time()) if created is None else created
+        self.source_id = source_id
+
+    def pack(self):
+        source_id = self.source_id.encode("utf-8")
+        flags = ((FLAG_SINCE_ERA if self.since_era is not None else 0)
+                 | (FLAG_ERA if self.era is not None else 0)
+                 | (FLAG_FULL if self.full else 0))
+        head = HEADER.pack(MAGIC, self.version, flags, self.device_size, self.total_bytes,
+                           self.block_size, self.chunk_size, self.since_era or 0,
+                           self.era or 0, self.created, len(source_id)) + source_id
+        return head + CRC.pack(zlib.crc32(head))
+
+    def as_dict(self):
+        return {
+            "version": self.version,
+            "device_size": self.device_size,
+            "total_bytes": self.total_bytes,
+            "block_size": self.block_size,
+            "chunk_size": self.chunk_size,
+            "since_era": self.since_era,
+            "era": self.era,
+            "full": self.full,
+            "created": self.created,
+            "source_id": self.source_id,
+        }
+
+
+class StreamWriter:
+    """Writes chunks with checksums, then the trailer that proves the end."""
+
+    def __init__(self, output, header):
+        self.output = output
+        self.header = header
+        self.chunks = 0
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self.zeros = bytes(header.chunk_size)
+        head = header.pack()
+        self.seed = CRC.unpack(head[-4:])[0]
+        self.stream_crc = zlib.crc32(head)
+        output.write(head)
+
+    def write_chunk(self, offset, payload):
+        length = len(payload)
+        # startswith compares in place: no copy to find an all-zero chunk.
+        tag = TAG_ZERO if self.zeros.startswith(payload) else TAG_DATA
+        fields = CHUNK_FIELDS.pack(tag, self.chunks, offset, length)
+        crc = self.seed if tag == TAG_ZERO else zlib.crc32(payload, self.seed)
+        record = fields + CRC.pack(zlib.crc32(fields, crc))
+        self.stream_crc = zlib.crc32(record, self.stream_crc)
+        if tag == TAG_ZERO:
+            self.output.write(record)
+            self.zero_bytes += length
+        else:
+            self.output.write(record, payload)
+            self.data_bytes += length
+        self.chunks += 1
+
+    def finish(self):
+        fields = TRAILER_FIELDS.pack(TAG_DONE, self.chunks, self.data_bytes, self.zero_bytes)
+        self.output.write(fields + CRC.pack(zlib.crc32(fields, self.stream_crc)))
+
+
+class LegacyWriter:
+    """Writes the original era_copy stream: no header, checks or end marker."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def write_range(self, offset, length, pieces):
+        self.output.write(LEGACY_RECORD.pack(LEGACY_MAGIC, offset, length))
+        for piece in pieces:
+            self.output.write(piece)
+
+
+# ---------------------------------------------------------------------------
+# Stream readers
+# ---------------------------------------------------------------------------
+
+
+class Input:
+    """A binary input with exact reads and a byte count for messages."""
+
+    def __init__(self, path):
+        if path is None or path == "-":
+            self.file = io.open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)
+            self.name = "standard input"
+        else:
+            try:
+                self.file = io.open(path, "rb", buffering=1 << 20)
+            except OSError as exc:
+                raise _os_error(exc, "cannot open %s" % path) from None
+            self.name = path
+        self.position = 0
+
+    def read_into(self, view):
+        """Fill `view`; return how many bytes were read (less only at the end)."""
+        done = 0
+        try:
+            while done < len(view):
+                got = self.file.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+        except OSError as exc:
+            raise _os_error(exc, "cannot read %s" % self.name) from None
+        self.position += done
+        return done
+
+    def read_exact(self, size, what):
+        buf = bytearray(size)
+        got = self.read_into(memoryview(buf))
+        if got < size:
+            raise TruncatedStream("stream ends inside %s at byte %d" % (what, self.position))
+        return bytes(buf)
+
+    def at_end(self):
+        return self.read_into(memoryview(bytearray(1))) == 0
+
+    def close(self):
+        self.file.close()
+
+
+def read_header(inp, magic=None):
+    """Read and verify a stream header; `magic` is its first 8 bytes if read already."""
+    if magic is None:
+        magic = inp.read_exact(len(MAGIC), "the header")
+    rest = inp.read_exact(HEADER.size - len(MAGIC), "the header")
+    fields = HEADER.unpack(magic + rest)
+    (magic, version, flags, device_size, total_bytes, block_size, chunk_size,
+     since_era, era, created, id_length) = fields
+    if magic != MAGIC:
+        raise StreamError("not an era_tool stream (bad magic)")
+    if version != FORMAT_VERSION:
+        raise StreamError("stream format version %d is not supported (this is %s, "
+                          "which reads version %d)" % (version, __version__, FORMAT_VERSION))
+    if id_length > MAX_SOURCE_ID:
+        raise StreamError("damaged header: source id of %d bytes" % id_length)
+    source_id = inp.read_exact(id_length, "the header")
+    (header_crc,) = CRC.unpack(inp.read_exact(CRC.size, "the header"))
+    raw = magic + rest + source_id
+    if zlib.crc32(raw) != header_crc:
+        raise ChecksumMismatch("damaged header: checksum mismatch")
+    if flags & ~KNOWN_FLAGS:
+        raise StreamError("header has unknown flags 0x%x" % flags)
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise StreamError("header has a chunk size of %d bytes" % chunk_size)
+    if total_bytes > device_size:
+        raise StreamError("header says %d bytes to copy from a %d-byte device"
+                          % (total_bytes, device_size))
+    try:
+        source_id = source_id.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StreamError("header source id is not UTF-8") from None
+    header = StreamHeader(device_size, total_bytes, block_size, chunk_size,
+                          since_era if flags & FLAG_SINCE_ERA else None,
+                          era if flags & FLAG_ERA else None,
+                          bool(flags & FLAG_FULL), created, source_id, version)
+    header.crc = header_crc
+    header.raw = raw + CRC.pack(header_crc)
+    return header
+
+
+class StreamReader:
+    """Yields verified chunks of an era_tool stream, then checks the trailer.
+
+    Each chunk is checked before it is handed out, so nothing unverified is
+    ever written; the trailer proves that no chunk is missing at the end.
+    """
+
+    def __init__(self, inp, header):
+        self.inp = inp
+        self.header = header
+        self.buffer = bytearray(header.chunk_size)
+        self.view = memoryview(self.buffer)
+        self.stream_crc = zlib.crc32(header.raw)
+        self.chunks = 0
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self.complete = False
+
+    def __iter__(self):
+        """Yield (offset, length, payload or None for zeros)."""
+        inp = self.inp
+        header = self.header
+        stream_crc = self.stream_crc
+        while True:
+            record = inp.read_exact(CHUNK.size, "a chunk header")
+            stream_crc = zlib.crc32(record, stream_crc)
+            tag, seq, offset, length, crc = CHUNK.unpack(record)
+            if tag == TAG_DONE:
+                self._finish(record, stream_crc)
+                return
+            where = "chunk %d" % self.chunks
+            if tag not in (TAG_DATA, TAG_ZERO):
+                raise StreamError("%s: damaged chunk header (unknown tag %r)" % (where, tag))
+            if seq != self.chunks:
+                raise StreamError("%s: damaged chunk header (numbered %d)" % (where, seq))
+            if not 0 < length <= header.chunk_size or offset + length > header.device_size:
+                raise StreamError("%s: damaged chunk header (offset %d, length %d)"
+                                  % (where, offset, length))
+            if tag == TAG_DATA:
+                payload = self.view[:length]
+                if inp.read_into(payload) < length:
+                    raise TruncatedStream("stream ends inside %s at byte %d"
+                                          % (where, inp.position))
+                computed = zlib.crc32(record[:CHUNK_FIELDS.size],
+                                      zlib.crc32(payload, header.crc))
+            else:
+                payload = None
+                computed = zlib.crc32(record[:CHUNK_FIELDS.size], header.crc)
+            if computed != crc:
+                raise ChecksumMismatch("%s at offset %d: checksum mismatch" % (where, offset))
+            self.chunks += 1
+            if payload is None:
+                self.zero_bytes += length
+            else:
+                self.data_bytes += length
+            yield offset, length, payload
+
+    def _finish(self, record, stream_crc):
+        tag, chunks, data_bytes, zero_bytes = TRAILER_FIELDS.unpack(record)
+        (stored,) = CRC.unpack(self.inp.read_exact(CRC.size, "the trailer"))
+        if stored != stream_crc:
+            raise ChecksumMismatch("damaged stream: trailer checksum mismatch")
+        if (chunks, data_bytes, zero_bytes) != (self.chunks, self.data_bytes, self.zero_bytes):
+            raise StreamError("trailer counts %d chunks (%d data, %d zero bytes), stream "
+                              "had %d (%d, %d)" % (chunks, data_bytes, zero_bytes, self.chunks,
+                                                   self.data_bytes, self.zero_bytes))
+        if data_bytes + zero_bytes != self.header.total_bytes:
+            raise StreamError("stream has %d bytes, its header promised %d"
+                              % (data_bytes + zero_bytes, self.header.total_bytes))
+        if not self.inp.at_end():
+            raise StreamError("unexpected data after the end of the stream")
+        self.complete = True
+
+
+def iter_legacy(inp):
+    """Yield (offset, length) of each original-format record; data follows each.
+
+    The caller must consume exactly `length` bytes of data before the next
+    record.  The format cannot tell a complete stream from one cut at a
+    record boundary; that is why the era_tool format exists.
+    """
+    records = 0
+    while True:
+        head = bytearray(LEGACY_RECORD.size)
+        got = inp.read_into(memoryview(head))
+        if got == 0:
+            return
+        if got < LEGACY_RECORD.size:
+            raise TruncatedStream("original-format stream ends inside record %d at byte %d"
+                                  % (records, inp.position))
+        magic, offset, length = LEGACY_RECORD.unpack(head)
+        if magic != LEGACY_MAGIC:
+            raise StreamError("record %d at byte %d: signature does not match "
+                              "(damaged stream?)" % (records, inp.position - len(head)))
+        if offset < 0 or length < 0:
+            raise StreamError("record %d: negative offset %d or length %d"
+                              % (records, offset, length))
+        records += 1
+        yield offset, length
+
+
+def read_legacy_data(inp, buffer, length, record):
+    """Yield views of the next `length` bytes of a legacy record, in pieces."""
+    view = memoryview(buffer)
+    while length:
+        piece = view[:min(length, len(view))]
+        got = inp.read_into(piece)
+        if got < len(piece):
+            raise TruncatedStream("original-format stream ends inside the data of record %d "
+                                  "at byte %d" % (record, inp.position))
+        yield piece
+        length -= got
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+def human(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024.0
+
+
+class Progress:
+    """`--progress`: bytes done of total, rate and ETA on stderr, a few times a second."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, enabled, verb, total=None):
+        self.enabled = enabled
+        self.verb = verb
+        self.total = total
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, done, force=False):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < self.INTERVAL:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
+        text = "%s %s" % (self.verb, human(done))
+        if self.total:
+            text += " / %s (%d%%)" % (human(self.total), done * 100 // self.total)
+        text += ", %s/s" % human(rate)
+        if self.total and rate > 0 and done < self.total:
+            text += ", ETA %s" % _clock((self.total - done) / rate)
+        sys.stderr.write("\r%s\033[K" % text)
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self, done):
+        if self.enabled:
+            self.update(done, force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def warn(message):
+    sys.stderr.write("era_tool: warning: %s\n" % message)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def refuse_terminal(path):
+    """Like gzip: binary data on a terminal is never what was meant."""
+    if (path is None or path == "-") and os.isatty(sys.stdout.fileno()):
+        raise EraError("refusing to write a stream to a terminal; redirect it or use -o FILE")
+
+
+def cmd_copy(args):
+    if args.full and args.device is None:
+        raise EraError("--full copies a device: give DEVICE")
+    if args.json and args.device is not None:
+        raise EraError("--json prints the estimate, which takes no DEVICE")
+    if args.full and args.input is not None:
+        raise EraError("--full copies the whole device and reads no block list: drop -i")
+    block_bytes = args.block_size * SECTOR
+    if args.device is not None:
+        refuse_terminal(args.output)
+
+    ranges = None
+    if not args.full:
+        inp = Input(args.input)
+        try:
+            ranges = parse_block_list(inp.file)
+        finally:
+            inp.close()
+
+    if args.device is None:
+        blocks = ranges.blocks
+        if args.json:
+            print(json.dumps({"bytes": blocks * block_bytes, "ranges": len(ranges),
+                              "blocks": blocks}))
+        else:
+            # Number first, as the original printed it: scripts take the first word.
+            print("%d bytes to copy" % (blocks * block_bytes))
+        return 0
+
+    source = Source(args.device, warn)
+    try:
+        if args.full:
+            total = source.size
+            spans = [(0, source.size)]
+        else:
+            check_ranges_fit(ranges, block_bytes, source.size, args.device)
+            total = sum(length for _, length in byte_ranges(ranges, block_bytes, source.size))
+            spans = byte_ranges(ranges, block_bytes, source.size)
+        output = Output(args.output)
+        failed = True
+        try:
+            progress = Progress(args.progress, "copied", total)
+            done = 0
+            if args.format == "legacy":
+                writer = LegacyWriter(output)
+                for offset, length in spans:
+                    writer.write_range(offset, length,
+                                       _read_pieces(source, offset, length))
+                    done += length
+                    progress.update(done)
+            else:
+                header = StreamHeader(source.size, total, args.block_size,
+                                      since_era=args.since_era, era=args.era,
+                                      full=args.full, source_id=args.source_id or "")
+                writer = StreamWriter(output, header)
+                for offset, length in spans:
+                    for piece_offset, piece in _read_chunks(source, offset, length):
+                        writer.write_chunk(piece_offset, piece)
+                        done += len(piece)
+                        progress.update(done)
+                writer.finish()
+            output.finish()
+            progress.finish(done)
+            failed = False
+        finally:
+            output.close(failed)
+    finally:
+        source.close()
+    return 0
+
+
+def _read_chunks(source, offset, length):
+    """Yield (offset, view) over a byte range, at most CHUNK_SIZE at a time."""
+    end = offset + length
+    while offset < end:
+        size = min(CHUNK_SIZE, end - offset)
+        yield offset, source.read(offset, size)
+        offset += size
+
+
+def _read_pieces(source, offset, length):
+    for _, piece in _read_chunks(source, offset, length):
+        yield piece
+
+
+def _open_stream(path):
+    """Open a stream; return (input, kind, first bytes) with kind 'era', 'legacy' or None."""
+    inp = Input(path)
+    first = bytearray(len(MAGIC))
+    got = inp.read_into(memoryview(first))
+    first = bytes(first[:got])
+    if got == 0:
+        return inp, None, first
+    if first == MAGIC:
+        return inp, "era", first
+    if first == LEGACY_MAGIC:
+        return inp, "legacy", first
+    inp.close()
+    if got < len(MAGIC) and (MAGIC.startswith(first) or LEGACY_MAGIC.startswith(first)):
+        raise TruncatedStream("stream ends after %d bytes, inside its first header" % got)
+    raise StreamError("%s is not an era_tool or era_copy stream (it starts with %r)"
+                      % (inp.name, first))
+
+
+def cmd_apply(args):
+    inp, kind, first = _open_stream(args.input)
+    try:
+        if kind is None:
+            if not args.allow_empty:
+                raise StreamError(
+                    "the stream is empty; an era_tool stream always has a header. An empty "
+                    "original-format stream means no changes: --allow-empty accepts it")
+            dest = Destination(args.destination)
+            dest.sync()
+            dest.close()
+            return 0
+        # The first header is checked before the destination is touched.
+        if kind == "era":
+            header = read_header(inp, first)
+        else:
+            # Push the 8 bytes read to detect the format back in front.
+            records = iter_legacy(_Prefixed(inp, first))
+            first_record = next(records)
+        dest = Destination(args.destination)
+        try:
+            if kind == "era":
+                dest.fit(header.device_size, args.force)
+                _apply_era(inp, header, dest, args)
+            else:
+                _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
+        finally:
+            dest.close()
+    finally:
+        inp.close()
+    return 0
+
+
+def _partial(exc, done, dest):
+    if done == 0:
+        return exc.__class__("%s; no data was written to %s" % (exc, dest.path))
+    return exc.__class__("%s; %d bytes were applied before it: %s is partially updated"
+                         % (exc, done, dest.path))
+
+
+def _apply_era(inp, header, dest, args):
+    reader = StreamReader(inp, header)
+    progress = Progress(args.progress, "applied", header.total_bytes)
+    done = 0
+    try:
+        for offset, length, payload in reader:
+            if payload is None:
+                dest.write_zeros(offset, length)
+            else:
+                dest.write(offset, payload)
+            done += length
+            progress.update(done)
+    except EraError as exc:
+        raise _partial(exc, done, dest) from None
+    if args.force and not dest.is_block and dest.size > header.device_size:
+        # Shrink only now that the whole stream is proven: the source shrank.
+        dest.truncate(header.device_size)
+    dest.sync()
+    progress.finish(done)
+
+
+def _apply_legacy(inp, records, dest, args):
+    progress = Progress(args.progress, "applied")
+    done = 0
+    buffer = bytearray(LEGACY_PIECE)
+    try:
+        for record, (offset, length) in enumerate(records):
+            dest.check_span(offset, length)
+            for piece in read_legacy_data(inp, buffer, length, record):
+                dest.write(offset, piece)
+                offset += len(piece)
+                done += len(piece)
+                progress.update(done)
+    except EraError as exc:
+        raise _partial(exc, done, dest) from None
+    dest.sync()
+    progress.finish(done)
+
+
+class _Prefixed:
+    """An Input whose first read returns bytes that were already read."""
+
+    def __init__(self, inp, prefix):
+        self.inp = inp
+        self.prefix = prefix
+
+    @property
+    def position(self):
+        return self.inp.position
+
+    def read_into(self, view):
+        if self.prefix:
+            size = len(self.prefix)
+            view[:size] = self.prefix
+            self.prefix = b""
+            return size + self.inp.read_into(view[size:])
+        return self.inp.read_into(view)
+
+
+def cmd_info(args):
+    inp, kind, first = _open_stream(args.input)
+    info = {}
+    try:
+        if kind is None:
+            raise StreamError("the stream is empty")
+        if kind == "era":
+            header = read_header(inp, first)
+            info["format"] = "era_tool"
+            info.update(header.as_dict())
+            reader = StreamReader(inp, header)
+            try:
+                for _ in reader:
+                    pass
+            except EraError as exc:
+                info.update(chunks=reader.chunks, data_bytes=reader.data_bytes,
+                            zero_bytes=reader.zero_bytes, intact=False, problem=str(exc))
+                _print_info(info, args.json)
+                raise
+            info.update(chunks=reader.chunks, data_bytes=reader.data_bytes,
+                        zero_bytes=reader.zero_bytes, intact=True)
+        else:
+            info["format"] = "legacy"
+            records = data = 0
+            buffer = bytearray(LEGACY_PIECE)
+            try:
+                for record, (offset, length) in enumerate(iter_legacy(_Prefixed(inp, first))):
+                    for _ in read_legacy_data(inp, buffer, length, record):
+                        pass
+                    records += 1
+                    data += length
+            except EraError as exc:
+                info.update(records=records, data_bytes=data, intact=False, problem=str(exc))
+                _print_info(info, args.json)
+                raise
+            # The original format has no checks: it cannot be proven complete.
+            info.update(records=records, data_bytes=data, intact=None)
+        _print_info(info, args.json)
+    finally:
+        inp.close()
+    return 0
+
+
+def _print_info(info, as_json):
+    if as_json:
+        print(json.dumps(info, sort_keys=True))
+        return
+    for key, value in info.items():
+        if key == "created":
+            value = "%d (%s)" % (value, time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                     time.gmtime(value)))
+        elif key == "intact" and value is None:
+            value = "unknown (the original format has no checksums or end marker)"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif value is None:
+            value = "-"
+        print("%-12s %s" % (key.replace("_", " ") + ":", value))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _version():
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        return "era_tool %s (%s sha256 %s)" % (__version__, os.path.basename(__file__), digest)
+    except OSError:
+        return "era_tool %s" % __version__
+
+
+def _block_size(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number of sectors" % text)
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(
+            "%d: dm-era block sizes are positive multiples of 8 sectors" % value)
+    return value
+
+
+def _era(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError("%d is not an era (0 .. 4294967295)" % value)
+    return value
+
+
+def _source_id(text):
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
+        raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8")
+    return text
+
+
+COPY_EPILOG = """\
+examples:
+  era_invalidate --metadata-snapshot --written-since 42 /dev/meta | %(prog)s 1024
+      print "N bytes to copy" (the estimate; --json for ranges and blocks too)
+  era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
+      | %(prog)s --since-era 42 --era 45 1024 /dev/mapper/root_era \\
+      | gzip -1 | ssh backup 'gzip -d | python3 era_tool.py apply /srv/root.img'
+  %(prog)s --full 1024 /dev/mapper/root_era -o full.era
+"""
+
+APPLY_EPILOG = """\
+examples:
+  ssh host 'era_invalidate ... | python3 era_tool.py copy 1024 /dev/mapper/root_era' \\
+      | %(prog)s /srv/root.img
+  %(prog)s -i full.era /srv/root.img
+  zstd -d < delta.era.zst | %(prog)s --progress /dev/backup/root
+
+exit 0 means the stream was complete and intact and the data is on disk (fsync).
+On a damaged or cut stream nothing unverified is written; the message says how
+much was applied and that the destination is partially updated.
+"""
+
+INFO_EPILOG = """\
+examples:
+  %(prog)s -i delta.era
+  gzip -d < delta.era.gz | %(prog)s --json
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="era_tool",
+        description="Incremental backups of raw block devices with Linux dm-era: copy the "
+                    "blocks era_invalidate lists into a checked stream, apply it to a mirror.",
+        epilog="exit codes: 0 success, 1 error, 2 usage error, 130 interrupted. "
+               "Run 'era_tool COMMAND --help' for each command.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    copy = commands.add_parser(
+        "copy", help="read the listed blocks from a device into a stream",
+        description="Read era_invalidate's XML block list (stdin or -i) and copy those blocks "
+                    "of DEVICE into a stream (stdout or -o). Without DEVICE, print how many "
+                    "bytes would be copied. The whole list is checked before any data moves.",
+        epilog=COPY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    copy.add_argument("block_size", metavar="BLOCK_SIZE", type=_block_size,
+                      help="dm-era block size in 512-byte sectors (the last number of "
+                           "'dmsetup table' for the era device)")
+    copy.add_argument("device", metavar="DEVICE", nargs="?",
+                      help="the device (or file) to read; omit for the estimate")
+    copy.add_argument("-i", "--input", metavar="XML",
+                      help="read the block list from XML instead of standard input")
+    copy.add_argument("-o", "--output", metavar="STREAM",
+                      help="write the stream to STREAM instead of standard output")
+    copy.add_argument("--full", action="store_true",
+                      help="copy the whole device, no block list (the first backup); "
+                           "all-zero chunks are sent without their data")
+    copy.add_argument("--format", choices=FORMATS, default="era",
+                      help="stream format: era (checked, default) or legacy (the original "
+                           "era_copy format, for the original era_apply)")
+    copy.add_argument("--json", action="store_true",
+                      help="estimate as JSON: {\"bytes\": ..., \"ranges\": ..., \"blocks\": ...}")
+    copy.add_argument("--since-era", type=_era, metavar="N",
+                      help="record in the header: the list holds blocks written since era N")
+    copy.add_argument("--era", type=_era, metavar="N",
+                      help="record in the header: the era the metadata snapshot was taken at")
+    copy.add_argument("--source-id", type=_source_id, metavar="ID",
+                      help="record in the header: a name for the source (e.g. host:device)")
+    copy.add_argument("--progress", action="store_true",
+                      help="show bytes copied, rate and ETA on stderr")
+    copy.set_defaults(func=cmd_copy)
+
+    apply_ = commands.add_parser(
+        "apply", help="write a stream into a mirror file or block device",
+        description="Apply a stream (era_tool or original era_copy format, detected) to "
+                    "DESTINATION: every chunk is verified before it is written. A missing "
+                    "file is created and a file is grown to the source size.",
+        epilog=APPLY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    apply_.add_argument("destination", metavar="DESTINATION",
+                        help="mirror file (created if missing) or block device (opened "
+                             "exclusively: a mounted one is refused)")
+    apply_.add_argument("-i", "--input", metavar="STREAM",
+                        help="read the stream from STREAM instead of standard input")
+    apply_.add_argument("--force", action="store_true",
+                        help="write to a mirror file larger than the source, and shrink it "
+                             "to the source size once the stream is complete")
+    apply_.add_argument("--allow-empty", action="store_true",
+                        help="accept an empty input as an original-format stream with no "
+                             "changes")
+    apply_.add_argument("--progress", action="store_true",
+                        help="show bytes applied, rate and ETA on stderr")
+    apply_.set_defaults(func=cmd_apply)
+
+    info = commands.add_parser(
+        "info", help="describe and verify a stream without writing anything",
+        description="Print a stream's header, read it through and report its chunks, bytes "
+                    "and whether it is intact. Exit 1 if it is damaged or cut short.",
+        epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("-i", "--input", metavar="STREAM",
+                      help="read the stream from STREAM instead of standard input")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "since_era", None) is not None and getattr(args, "era", None) is not None \
+            and args.since_era > args.era:
+        parser.error("--since-era %d is later than --era %d" % (args.since_era, args.era))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nera_tool: interrupted\n")
+        return 130
+    except EraError as exc:
+        sys.stderr.write("era_tool: error: %s\n" % exc)
+        return 1
+    except OSError as exc:
+        # Anything not caught closer to its cause still gets one line, not a traceback.
+        sys.stderr.write("era_tool: error: %s\n" % exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
