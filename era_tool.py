@@ -446,6 +446,7 @@ class Destination:
                                   % path) from None
             raise _os_error(exc, "cannot open %s" % path) from None
         self.initial_size = self.size
+        self.written = 0          # bytes written so far, for messages
         self.zeros = b""
 
     def fit(self, device_size, force):
@@ -478,6 +479,7 @@ class Destination:
                 done = os.pwrite(self.fd, view, offset)
                 view = view[done:]
                 offset += done
+                self.written += done
         except OSError as exc:
             raise _os_error(exc, "write error at offset %d of %s" % (offset, self.path)) from None
 
@@ -1066,11 +1068,12 @@ def cmd_apply(args):
     return 0
 
 
-def _partial(exc, done, dest):
-    if done == 0:
+def _partial(exc, dest):
+    """Say what a failed apply left behind."""
+    if dest.written == 0:
         return exc.__class__("%s; no data was written to %s" % (exc, dest.path))
-    return exc.__class__("%s; %d bytes were applied before it: %s is partially updated"
-                         % (exc, done, dest.path))
+    return exc.__class__("%s; %d bytes were written before it: %s is partially updated"
+                         % (exc, dest.written, dest.path))
 
 
 def _apply_era(inp, header, dest, args):
@@ -1086,7 +1089,7 @@ def _apply_era(inp, header, dest, args):
             done += length
             progress.update(done)
     except EraError as exc:
-        raise _partial(exc, done, dest) from None
+        raise _partial(exc, dest) from None
     if args.force and not dest.is_block and dest.size > header.device_size:
         # Shrink only now that the whole stream is proven: the source shrank.
         dest.truncate(header.device_size)
@@ -1107,7 +1110,7 @@ def _apply_legacy(inp, records, dest, args):
                 done += len(piece)
                 progress.update(done)
     except EraError as exc:
-        raise _partial(exc, done, dest) from None
+        raise _partial(exc, dest) from None
     dest.sync()
     progress.finish(done)
 

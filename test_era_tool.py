@@ -767,6 +767,23 @@ class TestDamage:
         assert "Traceback" not in err
         assert err.count("\n") == 8 * len(positions)
 
+    def test_every_bit_of_a_small_stream_flipped(self, tmp_path):
+        # Small enough to flip every single bit, payload included.
+        old = random_bytes(2 * BLOCK + 100, 41)
+        new = bytes(BLOCK) + old[BLOCK:2 * BLOCK] + random_bytes(100, 42)
+        source = write(tmp_path / "dev", new)
+        stream = make_stream(tmp_path, source, [(0, 1), (2, 3)])
+        assert len(stream) < 300
+        for position in range(len(stream)):
+            for bit in range(8):
+                damaged = bytearray(stream)
+                damaged[position] ^= 1 << bit
+                message, result = apply_quick(tmp_path, old, bytes(damaged))
+                assert message is not None, (position, bit)
+                assert result[:BLOCK] in (old[:BLOCK], new[:BLOCK])
+                assert result[2 * BLOCK:] in (old[2 * BLOCK:], new[2 * BLOCK:])
+                assert result[BLOCK:2 * BLOCK] == old[BLOCK:2 * BLOCK]
+
     def test_payload_bits_flipped(self, tmp_path, damage_case, capsys):
         old, new, stream = damage_case
         structure = set(_structure_positions(stream))
@@ -914,6 +931,25 @@ class TestApply:
         result = subprocess.run([sys.executable, "-c", script], stderr=subprocess.PIPE)
         assert result.returncode == 1
         assert_one_line_error(result.stderr.decode(), "cannot grow")
+
+    def test_disk_full(self, tmp_path, capsys):
+        # A real full filesystem: a small tmpfs (root only).
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a small tmpfs")
+        mountpoint = tmp_path / "small"
+        mountpoint.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                           str(mountpoint)]).returncode != 0:
+            pytest.skip("cannot mount tmpfs here")
+        try:
+            source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 43))
+            stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
+            code, _, err = run_main(["apply", "-i", stream, str(mountpoint / "m")], capsys)
+            assert code == 1
+            assert_one_line_error(err, "write error at offset", "No space left on device",
+                                  "partially updated")
+        finally:
+            subprocess.run(["umount", str(mountpoint)])
 
     def test_progress(self, tmp_path):
         source = write(tmp_path / "dev", random_bytes(8 * BLOCK, 30))
