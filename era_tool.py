@@ -112,6 +112,10 @@ CHUNK = struct.Struct("<4sIQII")
 # tag, chunks, data_bytes, zero_bytes; then stream_crc
 TRAILER_FIELDS = struct.Struct("<4sIQQ")
 
+STATE_SUFFIX = ".era"             # mirror.img -> mirror.img.era
+STATE_FORMAT = "era_tool mirror state"
+STATE_VERSION = 1
+
 LEGACY_MAGIC = b"ERARANGE"
 LEGACY_RECORD = struct.Struct("=8sqq")   # host byte order, as the C tool wrote
 
@@ -144,6 +148,10 @@ class TruncatedStream(StreamError):
 
 class ChecksumMismatch(StreamError):
     """A stream's data does not match its checksum."""
+
+
+class ChainError(EraError):
+    """A stream does not continue the mirror's chain of backups."""
 
 
 # ---------------------------------------------------------------------------
@@ -861,6 +869,135 @@ def read_legacy_data(inp, buffer, length, record):
 
 
 # ---------------------------------------------------------------------------
+# Chain guard: the mirror's state file
+# ---------------------------------------------------------------------------
+
+
+def state_path(destination, explicit=None):
+    """Where the mirror's state lives: --state, or DEST.era beside a mirror file.
+
+    A block device has no "beside" (/dev is not kept), so it needs --state.
+    """
+    if explicit:
+        return explicit
+    try:
+        if stat.S_ISBLK(os.stat(destination).st_mode):
+            return None
+    except OSError:
+        pass
+    return destination + STATE_SUFFIX
+
+
+def load_state(path):
+    """The state dict, or None when there is no state file."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _os_error(exc, "cannot read state file %s" % path) from None
+    try:
+        state = json.loads(data.decode("utf-8"))
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError("not an era_tool state file")
+        for key in ("source_id", "source_size", "block_size", "era"):
+            state[key]          # all present; era may be null
+    except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        raise ChainError("state file %s is damaged (%s): the mirror's era is unknown; "
+                         "--force applies anyway" % (path, exc)) from None
+    return state
+
+
+def check_chain(state, header, path):
+    """Refuse a stream that would leave a gap or belongs to another source.
+
+    `header` is None for an original-format stream, which carries no position.
+    A stream may start earlier than the mirror's era: the overlap only
+    re-sends current data.
+    """
+    if state is None:
+        return
+    if header is None:
+        raise ChainError("%s records era %s, and an original-format stream carries no era: "
+                         "cannot prove no change is skipped (--force applies anyway)"
+                         % (path, state["era"]))
+    if state["source_id"] is not None and header.source_id != state["source_id"]:
+        raise ChainError("stream is from source %r, the mirror from %r (%s): wrong mirror? "
+                         "(--force applies anyway)"
+                         % (header.source_id, state["source_id"], path))
+    if state["block_size"] is not None and header.block_size != state["block_size"]:
+        raise ChainError("stream has block size %d, the mirror %d (%s): wrong mirror? "
+                         "(--force applies anyway)"
+                         % (header.block_size, state["block_size"], path))
+    if header.full:
+        return
+    if state["era"] is None:
+        raise ChainError("the mirror's era is unknown (%s): apply a --full stream, or --force"
+                         % path)
+    if header.since_era is None:
+        raise ChainError("stream carries no --since-era and the mirror is at era %d (%s): "
+                         "cannot prove no change is skipped (--force applies anyway)"
+                         % (state["era"], path))
+    if header.since_era > state["era"]:
+        raise ChainError("stream starts at era %d but the mirror is at era %d (%s): the "
+                         "changes of eras %d..%d would be missing (--force applies anyway)"
+                         % (header.since_era, state["era"], path, state["era"],
+                            header.since_era - 1))
+
+
+def save_state(path, header, previous=None):
+    """Record the mirror's new era, atomically: only after its data is synced.
+
+    A stream without an era (original format, or no --era) applied with
+    --force leaves the era unknown: the next stream must be a full copy.
+    """
+    if header is None:
+        previous = previous or {}
+        source = (previous.get("source_id"), previous.get("source_size"),
+                  previous.get("block_size"), None, None)
+    else:
+        source = (header.source_id, header.device_size, header.block_size, header.era,
+                  header.created)
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "applied": int(time.time()),
+    }
+    state.update(zip(("source_id", "source_size", "block_size", "era", "stream_created"),
+                     source))
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = "%s.tmp%d" % (path, os.getpid())
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        # The rename itself is durable only once the directory is synced.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise _os_error(exc, "cannot write state file %s (the data is synced; the "
+                        "mirror's era was not advanced)" % path) from None
+    return state
+
+
+# ---------------------------------------------------------------------------
 # Progress
 # ---------------------------------------------------------------------------
 
@@ -1047,15 +1184,28 @@ def cmd_apply(args):
             dest.sync()
             dest.close()
             return 0
-        # The first header is checked before the destination is touched.
+        # The first header and the chain are checked before the destination is touched.
         if kind == "era":
             header = read_header(inp, first)
         else:
+            header = None
             # Push the 8 bytes read to detect the format back in front.
             records = iter_legacy(_Prefixed(inp, first))
             first_record = next(records)
+        state_file = state_path(args.destination, args.state)
+        try:
+            state = load_state(state_file)
+        except ChainError:
+            if not args.force:
+                raise
+            state = None
+        if not args.force:
+            check_chain(state, header, state_file)
         dest = Destination(args.destination)
         try:
+            if state_file is None and header is not None and header.era is not None:
+                warn("%s is a block device: its era is not recorded without --state FILE"
+                     % args.destination)
             if kind == "era":
                 dest.fit(header.device_size, args.force)
                 _apply_era(inp, header, dest, args)
@@ -1063,6 +1213,10 @@ def cmd_apply(args):
                 _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
         finally:
             dest.close()
+        # The data is synced: now, and only now, the mirror's era may advance.
+        if state_file is not None and (
+                (header is not None and header.era is not None) or state is not None):
+            save_state(state_file, header, state)
     finally:
         inp.close()
     return 0
@@ -1136,6 +1290,10 @@ class _Prefixed:
 
 
 def cmd_info(args):
+    if args.mirror is not None:
+        if args.input is not None:
+            raise EraError("info shows a stream (-i) or a mirror (MIRROR), not both")
+        return _mirror_info(args)
     inp, kind, first = _open_stream(args.input)
     info = {}
     try:
@@ -1178,12 +1336,37 @@ def cmd_info(args):
     return 0
 
 
+def _mirror_info(args):
+    try:
+        mode = os.stat(args.mirror).st_mode
+    except OSError as exc:
+        raise _os_error(exc, "cannot open %s" % args.mirror) from None
+    path = state_path(args.mirror, args.state)
+    state = load_state(path)
+    info = {"mirror": args.mirror}
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        fd = os.open(args.mirror, os.O_RDONLY)
+        try:
+            info["size"] = fd_size(fd)
+        finally:
+            os.close(fd)
+    info["state_file"] = path
+    if state is None:
+        info["state"] = "none (no chained stream applied yet)"
+    else:
+        for key in ("source_id", "source_size", "block_size", "era", "stream_created",
+                    "applied"):
+            info[key] = state.get(key)
+    _print_info(info, args.json)
+    return 0
+
+
 def _print_info(info, as_json):
     if as_json:
         print(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
-        if key == "created":
+        if key in ("created", "stream_created", "applied") and isinstance(value, int):
             value = "%d (%s)" % (value, time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                      time.gmtime(value)))
         elif key == "intact" and value is None:
@@ -1266,6 +1449,7 @@ INFO_EPILOG = """\
 examples:
   %(prog)s -i delta.era
   gzip -d < delta.era.gz | %(prog)s --json
+  %(prog)s /srv/root.img          the mirror's size and the era it holds
 """
 
 
@@ -1324,9 +1508,14 @@ def build_parser():
                              "exclusively: a mounted one is refused)")
     apply_.add_argument("-i", "--input", metavar="STREAM",
                         help="read the stream from STREAM instead of standard input")
+    apply_.add_argument("--state", metavar="FILE",
+                        help="the mirror's chain state (default: DESTINATION.era beside a "
+                             "mirror file; a block device needs this to keep one)")
     apply_.add_argument("--force", action="store_true",
-                        help="write to a mirror file larger than the source, and shrink it "
-                             "to the source size once the stream is complete")
+                        help="apply even if the stream does not continue the mirror's chain "
+                             "(gap, other source, other block size) or the mirror file is "
+                             "larger than the source (then shrink it to the source size once "
+                             "the stream is complete)")
     apply_.add_argument("--allow-empty", action="store_true",
                         help="accept an empty input as an original-format stream with no "
                              "changes")
@@ -1341,6 +1530,10 @@ def build_parser():
         epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("-i", "--input", metavar="STREAM",
                       help="read the stream from STREAM instead of standard input")
+    info.add_argument("mirror", metavar="MIRROR", nargs="?",
+                      help="show a mirror's size and chain state instead of a stream")
+    info.add_argument("--state", metavar="FILE",
+                      help="with MIRROR: its state file, if not MIRROR.era")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
     return parser

@@ -700,7 +700,7 @@ def apply_quick(tmp_path, old, stream):
     """
     mirror = write(tmp_path / "mirror", old)
     path = write(tmp_path / "damaged", stream)
-    args = argparse.Namespace(input=path, destination=mirror, force=False,
+    args = argparse.Namespace(input=path, destination=mirror, force=False, state=None,
                               allow_empty=False, progress=False)
     try:
         era_tool.cmd_apply(args)
@@ -1038,6 +1038,208 @@ class TestBlockDevice:
             assert_one_line_error(err, "busy")
         finally:
             subprocess.run(["umount", str(mountpoint)])
+
+
+# ---------------------------------------------------------------------------
+# Chain guard: the mirror's state
+# ---------------------------------------------------------------------------
+
+
+class ChainCase:
+    """A source device, its mirror, and streams with chain fields."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.device = random_bytes(16 * BLOCK, 50)
+        self.source = write(tmp_path / "dev", self.device)
+        self.mirror = str(tmp_path / "mirror.img")
+        self.state = self.mirror + ".era"
+        self.count = 0
+
+    def stream(self, *options, ranges=((0, 2),)):
+        self.count += 1
+        return write(self.tmp_path / ("s%d" % self.count),
+                     make_stream(self.tmp_path, self.source, list(ranges), *options,
+                                 name="c%d" % self.count))
+
+    def full(self, era, source_id="web1:root"):
+        out = str(self.tmp_path / ("full%d" % era))
+        assert era_tool.main(["copy", "--full", "--era", str(era), "--source-id", source_id,
+                              "-o", out, "8", self.source]) == 0
+        return out
+
+    def apply(self, stream, *options):
+        return era_tool.main(["apply", "-i", stream] + list(options) + [self.mirror])
+
+    def era(self):
+        with open(self.state) as f:
+            return json.load(f)["era"]
+
+
+@pytest.fixture
+def chain(tmp_path):
+    return ChainCase(tmp_path)
+
+
+class TestChainGuard:
+    def test_full_then_incrementals(self, chain):
+        assert chain.apply(chain.full(5)) == 0
+        state = json.load(open(chain.state))
+        assert (state["era"], state["source_id"], state["block_size"], state["source_size"]) \
+            == (5, "web1:root", 8, 16 * BLOCK)
+        assert chain.apply(chain.stream("--since-era", "5", "--era", "8",
+                                        "--source-id", "web1:root")) == 0
+        assert chain.era() == 8
+        # Overlap: starting earlier than the mirror's era only re-sends data.
+        assert chain.apply(chain.stream("--since-era", "6", "--era", "9",
+                                        "--source-id", "web1:root")) == 0
+        assert chain.era() == 9
+        assert read(chain.mirror) == chain.device
+        assert os.listdir(str(chain.tmp_path)).count("mirror.img.era") == 1
+        assert not [name for name in os.listdir(str(chain.tmp_path)) if ".tmp" in name]
+
+    def test_gap_refused_nothing_written(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        before = read(chain.mirror)
+        chain.device = random_bytes(16 * BLOCK, 51)
+        write(chain.source, chain.device)
+        stream = chain.stream("--since-era", "7", "--era", "9", "--source-id", "web1:root")
+        capsys.readouterr()
+        assert chain.apply(stream) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "starts at era 7 but the mirror is at era 5",
+                              "eras 5..6 would be missing", "--force")
+        assert read(chain.mirror) == before
+        assert chain.era() == 5
+        assert chain.apply(stream, "--force") == 0
+        assert chain.era() == 9
+
+    @pytest.mark.parametrize("options,message", [
+        (["--since-era", "5", "--era", "6", "--source-id", "db1:root"], "from source 'db1:root'"),
+        (["--since-era", "5", "--era", "6"], "from source ''"),
+        (["--era", "6", "--source-id", "web1:root"], "carries no --since-era"),
+    ])
+    def test_foreign_streams_refused(self, chain, capsys, options, message):
+        assert chain.apply(chain.full(5)) == 0
+        before = read(chain.mirror)
+        stream = chain.stream(*options)
+        capsys.readouterr()
+        assert chain.apply(stream) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, message)
+        assert read(chain.mirror) == before and chain.era() == 5
+
+    def test_other_block_size_refused(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        xml = write(chain.tmp_path / "l16.xml", blocks_xml([(0, 1)]))
+        out = str(chain.tmp_path / "b16")
+        assert era_tool.main(["copy", "-i", xml, "-o", out, "--since-era", "5", "--era", "6",
+                              "--source-id", "web1:root", "16", chain.source]) == 0
+        capsys.readouterr()
+        assert chain.apply(out) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "block size 16, the mirror 8")
+
+    def test_legacy_stream_breaks_chain_only_with_force(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        stream = write(chain.tmp_path / "leg", legacy_record(0, b"x" * 10))
+        capsys.readouterr()
+        assert chain.apply(stream) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "original-format stream carries no era")
+        assert chain.apply(stream, "--force") == 0
+        assert chain.era() is None
+        # Era unknown: an incremental is refused, a full copy restarts the chain.
+        capsys.readouterr()
+        assert chain.apply(chain.stream("--since-era", "5", "--era", "7",
+                                        "--source-id", "web1:root")) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "era is unknown", "--full")
+        assert chain.apply(chain.full(8)) == 0
+        assert chain.era() == 8
+
+    def test_damaged_state_refused(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        write(chain.state, b'{"format": "era_tool mirror state", "ver')
+        capsys.readouterr()
+        assert chain.apply(chain.stream("--since-era", "5", "--era", "6",
+                                        "--source-id", "web1:root")) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "state file", "is damaged")
+
+    def test_failed_apply_keeps_state(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        stream = read(chain.stream("--since-era", "5", "--era", "9", "--source-id",
+                                   "web1:root"))
+        cut = write(chain.tmp_path / "cut", stream[:-3])
+        assert chain.apply(cut) == 1
+        assert chain.era() == 5
+
+    def test_state_written_after_data_synced(self, chain, monkeypatch):
+        events = []
+        real_fsync, real_rename = os.fsync, os.rename
+
+        def fsync(fd):
+            events.append(("fsync", os.readlink("/proc/self/fd/%d" % fd)))
+            return real_fsync(fd)
+
+        def rename(src, dst):
+            events.append(("rename", dst))
+            return real_rename(src, dst)
+        stream = chain.full(5)
+        monkeypatch.setattr(era_tool.os, "fsync", fsync)
+        monkeypatch.setattr(era_tool.os, "rename", rename)
+        assert chain.apply(stream) == 0
+        names = [(kind, os.path.basename(path)) for kind, path in events]
+        assert names.index(("fsync", "mirror.img")) < names.index(("rename", "mirror.img.era"))
+        # The temp file is synced before the rename, the directory after it.
+        rename_at = names.index(("rename", "mirror.img.era"))
+        assert names[rename_at - 1][0] == "fsync" and ".tmp" in names[rename_at - 1][1]
+        assert names[rename_at + 1] == ("fsync", os.path.basename(str(chain.tmp_path)))
+
+    def test_sync_failure_keeps_state(self, chain, capsys, monkeypatch):
+        assert chain.apply(chain.full(5)) == 0
+        stream = chain.stream("--since-era", "5", "--era", "9", "--source-id", "web1:root")
+
+        def failing_sync(self):
+            raise era_tool.DeviceError("cannot sync %s: Input/output error" % self.path)
+        monkeypatch.setattr(era_tool.Destination, "sync", failing_sync)
+        capsys.readouterr()
+        assert chain.apply(stream) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "cannot sync")
+        assert chain.era() == 5
+
+    def test_info_shows_mirror_state(self, chain, capsys):
+        assert chain.apply(chain.full(5)) == 0
+        capsys.readouterr()
+        code, out, _ = run_main(["info", "--json", chain.mirror], capsys)
+        info = json.loads(out)
+        assert code == 0
+        assert (info["era"], info["source_id"], info["size"]) == (5, "web1:root", 16 * BLOCK)
+        code, out, _ = run_main(["info", chain.mirror], capsys)
+        assert "era:" in out and " 5" in out.split("era:")[1].split("\n")[0]
+
+    def test_plain_streams_keep_no_state(self, chain):
+        assert chain.apply(chain.stream()) == 0
+        assert not os.path.exists(chain.state)
+
+    def test_explicit_state_file(self, chain, tmp_path):
+        state = str(tmp_path / "elsewhere.json")
+        assert chain.apply(chain.full(5), "--state", state) == 0
+        assert not os.path.exists(chain.state)
+        assert json.load(open(state))["era"] == 5
+
+    def test_block_device_needs_state_option(self, tmp_path, capsys, loop_device, chain):
+        device = loop_device(16 * BLOCK)
+        stream = chain.full(5)
+        capsys.readouterr()
+        assert era_tool.main(["apply", "-i", stream, device]) == 0
+        _, err = capsys.readouterr()
+        assert "era_tool: warning: " in err and "--state" in err
+        state = str(tmp_path / "dev.era")
+        assert era_tool.main(["apply", "-i", stream, "--state", state, device]) == 0
+        assert json.load(open(state))["era"] == 5
 
 
 # ---------------------------------------------------------------------------
