@@ -1309,6 +1309,70 @@ class TestCommandLine:
 
 
 # ---------------------------------------------------------------------------
+# Shell scripts: backup.sh settings, shellcheck
+# ---------------------------------------------------------------------------
+
+BACKUP = os.path.join(HERE, "backup.sh")
+ZZ = os.path.join(HERE, "zz_dm-era.sh")
+
+
+def run_backup(tmp_path, settings, env=None):
+    path = write(tmp_path / "settings", settings.encode())
+    clean = {key: value for key, value in os.environ.items()
+             if key not in ("HOST", "DIR", "ERA_DEVICE", "METADATA_DEVICE")}
+    clean.update(env or {})
+    return subprocess.run(["bash", BACKUP, path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=clean, timeout=60)
+
+
+class TestBackupSettings:
+    GOOD = "HOST=h\nERA_DEVICE=e\nMETADATA_DEVICE=/dev/m\nDIR=%s\n"
+
+    @pytest.mark.parametrize("extra,message", [
+        ("FOO=1\n", "unknown setting FOO"),
+        ("this is not a setting\n", "not KEY=value"),
+        ("COMPRESS=rar\n", "COMPRESS must be"),
+        ("FREEZE_LIMIT=1G\n", "FREEZE_LIMIT must be a whole number"),
+        ("MAX_PASSES=0\n", "MAX_PASSES must be at least 1"),
+        ("TOOL=/nonexistent/era_tool.py\n", "cannot read TOOL"),
+    ])
+    def test_bad_settings(self, tmp_path, extra, message):
+        result = run_backup(tmp_path, self.GOOD % tmp_path + extra)
+        assert result.returncode == 1
+        assert message in result.stderr.decode()
+
+    def test_required_setting(self, tmp_path):
+        result = run_backup(tmp_path, "HOST=h\nDIR=%s\n" % tmp_path)
+        assert result.returncode != 0
+        assert b"ERA_DEVICE is not set" in result.stderr
+
+    def test_ssh_failure_fails_the_run(self, tmp_path):
+        # A host that cannot be reached: exit non-zero, no state, no mirror.
+        result = run_backup(tmp_path, self.GOOD % tmp_path + "SSH=false\n")
+        assert result.returncode != 0
+        assert b"failed" in result.stderr
+        assert not (tmp_path / "e.img").exists() and not (tmp_path / "e.img.era").exists()
+
+    def test_usage(self, tmp_path):
+        result = subprocess.run(["bash", BACKUP, "a", "b"], stderr=subprocess.PIPE)
+        assert result.returncode == 2 and b"usage" in result.stderr
+
+    def test_zz_prereqs_and_quiet_without_devices(self):
+        result = subprocess.run(["sh", ZZ, "prereqs"], stdout=subprocess.PIPE)
+        assert result.returncode == 0 and result.stdout.strip() == b""
+        result = subprocess.run(["sh", ZZ], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+    def test_shellcheck(self):
+        if not shutil.which("shellcheck"):
+            pytest.skip("shellcheck is not installed")
+        scripts = [BACKUP, ZZ] + [os.path.join(HERE, ".ci", name) for name in ("run", "vm")
+                                  if os.path.exists(os.path.join(HERE, ".ci", name))]
+        result = subprocess.run(["shellcheck"] + scripts, stdout=subprocess.PIPE)
+        assert result.returncode == 0, result.stdout.decode()
+
+
+# ---------------------------------------------------------------------------
 # Real era_invalidate output (thin-provisioning-tools)
 # ---------------------------------------------------------------------------
 

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+#
+# backup.sh: keep a block-level mirror of a dm-era device on this (backup) host, over ssh.
+#
+#   backup.sh [SETTINGS_FILE]
+#
+# Settings come from the environment, or from SETTINGS_FILE (KEY=value lines, # comments), which wins:
+#   HOST             the host with the data (required)
+#   SSH              command that runs a remote shell command as `$SSH $HOST 'command'` (default: ssh)
+#   ERA_DEVICE       dm name of the era device on HOST (required)
+#   DATA_DEVICE      device to copy (default: /dev/mapper/$ERA_DEVICE)
+#   METADATA_DEVICE  dm-era metadata device on HOST (required)
+#   GRANULARITY      era block size in sectors (default: read from `dmsetup table` on HOST)
+#   MOUNTPOINT       filesystem on the era device to freeze for the last pass (empty: no freeze)
+#   FREEZE_LIMIT     freeze only once a pass would copy at most this many bytes (default: 268435456)
+#   FREEZE_TIMEOUT   seconds after which HOST thaws MOUNTPOINT by itself, whatever happens (default: 120)
+#   DIR, FILE        the mirror is $DIR/$FILE (DIR required; FILE default: $ERA_DEVICE.img)
+#   SOURCE_ID        names the source in streams and state (default: $HOST:$ERA_DEVICE)
+#   TOOL             era_tool.py on this host (default: beside backup.sh); it is sent to HOST each run
+#   MAX_PASSES       passes before giving up on getting under FREEZE_LIMIT (default: 5)
+#   COMPRESS         gzip, zstd, lz4, xz or none (default: gzip)
+#
+# HOST needs python3, dmsetup, thin-provisioning-tools (era_invalidate) and, with MOUNTPOINT, fsfreeze.
+# The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
+# recorded by `era_tool.py apply` only after the data is on disk. Exit 0: the mirror is complete and, with
+# MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
+set -euo pipefail
+
+log() { printf '%s backup.sh: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+settings="HOST SSH ERA_DEVICE DATA_DEVICE METADATA_DEVICE GRANULARITY MOUNTPOINT FREEZE_LIMIT FREEZE_TIMEOUT
+DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS"
+
+load_settings() {
+    local line key value lineno=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        lineno=$((lineno + 1))
+        line=${line%$'\r'}
+        case $line in ''|'#'*) continue ;; esac
+        [[ $line =~ ^[[:space:]]*([A-Z_]+)=(.*)$ ]] || die "$1 line $lineno: not KEY=value: $line"
+        key=${BASH_REMATCH[1]}
+        value=${BASH_REMATCH[2]}
+        case " ${settings//$'\n'/ } " in *" $key "*) ;; *) die "$1 line $lineno: unknown setting $key" ;; esac
+        # Optional quotes around the value, as in a shell file.
+        if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then value=${BASH_REMATCH[1]}; fi
+        printf -v "$key" '%s' "$value"
+    done < "$1"
+}
+
+case $# in
+    0) ;;
+    1) [ -r "$1" ] || die "cannot read settings file $1"; load_settings "$1" ;;
+    *) echo "usage: backup.sh [SETTINGS_FILE]" >&2; exit 2 ;;
+esac
+
+: "${HOST:?HOST is not set}" "${ERA_DEVICE:?ERA_DEVICE is not set}"
+: "${METADATA_DEVICE:?METADATA_DEVICE is not set}" "${DIR:?DIR is not set}"
+SSH=${SSH:-ssh}
+DATA_DEVICE=${DATA_DEVICE:-/dev/mapper/$ERA_DEVICE}
+GRANULARITY=${GRANULARITY:-}
+MOUNTPOINT=${MOUNTPOINT:-}
+FREEZE_LIMIT=${FREEZE_LIMIT:-268435456}
+FREEZE_TIMEOUT=${FREEZE_TIMEOUT:-120}
+FILE=${FILE:-$ERA_DEVICE.img}
+SOURCE_ID=${SOURCE_ID:-$HOST:$ERA_DEVICE}
+TOOL=${TOOL:-$(dirname "$(readlink -f "$0")")/era_tool.py}
+MAX_PASSES=${MAX_PASSES:-5}
+COMPRESS=${COMPRESS:-gzip}
+
+for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES; do
+    [[ ${!number} =~ ^[0-9]+$ ]] || die "$number must be a whole number, not '${!number}'"
+done
+[ -z "$GRANULARITY" ] || [[ $GRANULARITY =~ ^[0-9]+$ ]] || die "GRANULARITY must be a number of sectors"
+[ "$MAX_PASSES" -ge 1 ] || die "MAX_PASSES must be at least 1"
+[ -r "$TOOL" ] || die "cannot read TOOL $TOOL"
+[ -d "$DIR" ] || die "DIR $DIR is not a directory"
+case $COMPRESS in
+    gzip) pack='gzip -1'; unpack='gzip -d' ;;
+    zstd) pack='zstd -1 -q'; unpack='zstd -d -q' ;;
+    lz4) pack='lz4 -1 -q'; unpack='lz4 -d -q' ;;
+    xz) pack='xz -1'; unpack='xz -d' ;;
+    none) pack='cat'; unpack='cat' ;;
+    *) die "COMPRESS must be gzip, zstd, lz4, xz or none, not '$COMPRESS'" ;;
+esac
+read -ra ssh_command <<< "$SSH"
+mirror=$DIR/$FILE
+
+# Quote a value for the remote POSIX shell.
+q() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+
+# The remote side, in POSIX sh: era_tool.py arrives on its standard input and is kept in a private
+# directory, on tmpfs where possible (a frozen root filesystem blocks every write to it).
+remote_prelude() {
+    cat <<EOF
+set -eu
+ERA=$(q "$ERA_DEVICE") META=$(q "$METADATA_DEVICE") DATA=$(q "$DATA_DEVICE") MP=$(q "$MOUNTPOINT")
+G=$(q "$GRANULARITY") TIMEOUT=$(q "$FREEZE_TIMEOUT")
+export PYTHONDONTWRITEBYTECODE=1
+for t in /dev/shm /run "\${TMPDIR:-/tmp}"; do d=\$(mktemp -d "\$t/era_backup.XXXXXX" 2>/dev/null) && break; done
+[ -n "\${d:-}" ] || { echo "backup.sh (remote): cannot make a temporary directory" >&2; exit 1; }
+snap=0 frozen=0 watchdog=
+cleanup() {
+    rc=\$?
+    if [ "\$frozen" = 1 ]; then fsfreeze -u "\$MP" || rc=1; fi
+    if [ -n "\$watchdog" ]; then kill -- "-\$watchdog" 2>/dev/null || true; fi
+    if [ "\$snap" = 1 ]; then dmsetup message "\$ERA" 0 drop_metadata_snap || rc=1; fi
+    rm -rf "\$d"
+    exit "\$rc"
+}
+trap cleanup EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+cat > "\$d/era_tool.py"
+[ -n "\$G" ] || G=\$(dmsetup table "\$ERA" | awk '{ print \$NF }')
+# A snapshot left by a run that died is stale: drop it (an error only means there was none).
+dmsetup message "\$ERA" 0 drop_metadata_snap 2>/dev/null || true
+snapshot() {
+    dmsetup message "\$ERA" 0 take_metadata_snap
+    snap=1
+    # The era new writes land in from now on: the next pass starts there.
+    era=\$(dmsetup status "\$ERA" | awk '{ print \$6 }')
+    case \$era in ''|*[!0-9]*) echo "backup.sh (remote): cannot read the era of \$ERA" >&2; exit 1 ;; esac
+}
+EOF
+}
+
+# Run a remote script; era_tool.py goes over the same connection, on its standard input.
+remote() {
+    "${ssh_command[@]}" "$HOST" "$(remote_prelude; cat)" < "$TOOL"
+}
+
+# Prints "ERA BYTES": take a snapshot and estimate the changes since era $1.
+remote_estimate() {
+    remote <<EOF
+snapshot
+bytes=\$(era_invalidate --metadata-snapshot --written-since $(q "$1") "\$META" \
+    | python3 "\$d/era_tool.py" copy "\$G" | awk '{ print \$1 }')
+echo "\$era \$bytes"
+EOF
+}
+
+# Writes the stream of one pass to standard output: kind full | incremental | frozen, since era $2.
+remote_copy() {
+    local kind=$1 since=${2:-}
+    remote <<EOF
+freeze=$(q "$([ "$kind" = frozen ] && echo 1 || echo 0)")
+if [ "\$freeze" = 1 ]; then
+    # The thaw must not depend on this connection: a timer in a session of its own thaws after TIMEOUT
+    # whatever happens to this shell. Its pid is its process group, so killing the group stops it.
+    setsid sh -c 'echo \$\$ > "\$3"; sleep "\$1"; fsfreeze -u "\$2" 2>/dev/null' era_tool-thaw \
+        "\$TIMEOUT" "\$MP" "\$d/watchdog" </dev/null >/dev/null 2>&1 &
+    while [ ! -s "\$d/watchdog" ]; do sleep 1; done
+    watchdog=\$(cat "\$d/watchdog")
+    fsfreeze -f "\$MP"
+    frozen=1
+fi
+snapshot
+if [ $(q "$kind") = full ]; then
+    list=
+else
+    list="--since-era $(q "$since")"
+fi
+# The copy's exit status, through the compressor (no pipefail in POSIX sh).
+exec 3>&1
+status=\$( { { if [ -z "\$list" ]; then
+                  python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+              else
+                  era_invalidate --metadata-snapshot --written-since $(q "$since") "\$META" \
+                      | python3 "\$d/era_tool.py" copy \$list --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+              fi
+              echo \$? >&4; } | $pack >&3; } 4>&1 )
+exec 3>&-
+[ "\$status" = 0 ] || { echo "backup.sh (remote): copy failed (exit \$status)" >&2; exit 1; }
+if [ "\$freeze" = 1 ]; then
+    if ! kill -0 "\$watchdog" 2>/dev/null; then
+        echo "backup.sh (remote): the copy outlasted FREEZE_TIMEOUT (\$TIMEOUT s): the filesystem was thawed during it" >&2
+        frozen=0
+        exit 1
+    fi
+    fsfreeze -u "\$MP"
+    frozen=0
+fi
+EOF
+}
+
+mirror_era() {
+    # The era the mirror holds, from its state file; empty when there is none (or it is unknown).
+    [ -e "$mirror" ] || return 0
+    python3 "$TOOL" info --json "$mirror" | python3 -c 'import json, sys; e = json.load(sys.stdin).get("era"); print("" if e is None else e)'
+}
+
+# One pass: copy | compress | ssh | decompress | apply. The mirror's era advances only if apply exits 0.
+pass() {
+    local kind=$1 since=${2:-} started=$SECONDS
+    remote_copy "$kind" "$since" | $unpack | python3 "$TOOL" apply "$mirror"
+    log "$kind pass done in $((SECONDS - started)) s; mirror at era $(mirror_era)"
+}
+
+# One run at a time per mirror.
+exec 9>>"$mirror.lock"
+flock -n 9 || die "another backup.sh is running for $mirror"
+on_exit() {
+    local rc=$?
+    [ "$rc" = 0 ] || log "failed (exit $rc): $mirror stays at era $(mirror_era 2>/dev/null || echo '?')"
+}
+trap on_exit EXIT
+
+era=$(mirror_era)
+if [ -z "$era" ]; then
+    log "no recorded era for $mirror: first backup, full copy of $HOST:$DATA_DEVICE"
+    pass full
+    era=$(mirror_era)
+fi
+
+passes=0
+while :; do
+    passes=$((passes + 1))
+    read -r _ estimate < <(remote_estimate "$era") || die "cannot estimate the changes on $HOST"
+    [[ $estimate =~ ^[0-9]+$ ]] || die "bad estimate from $HOST: '$estimate'"
+    if [ "$estimate" -gt "$FREEZE_LIMIT" ]; then
+        if [ "$passes" -ge "$MAX_PASSES" ]; then
+            die "still $estimate bytes changed since era $era after $MAX_PASSES passes (FREEZE_LIMIT $FREEZE_LIMIT): not frozen, so not consistent; raise MAX_PASSES or FREEZE_LIMIT"
+        fi
+        log "pass $passes: estimate $estimate bytes since era $era (> FREEZE_LIMIT): incremental pass"
+        pass incremental "$era"
+    elif [ -n "$MOUNTPOINT" ]; then
+        log "pass $passes: estimate $estimate bytes since era $era: final pass with $MOUNTPOINT frozen"
+        pass frozen "$era"
+        break
+    else
+        log "pass $passes: estimate $estimate bytes since era $era: final pass (no MOUNTPOINT: not frozen)"
+        pass incremental "$era"
+        break
+    fi
+    era=$(mirror_era)
+done
+log "done: $mirror holds $SOURCE_ID at era $(mirror_era)"
