@@ -90,13 +90,15 @@ MAX_SOURCE_ID = 1024              # bytes of source id in a header
 MAX_BLOCK = 1 << 32               # dm-era counts blocks in 32 bits
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
+UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
 MAGIC = b"\x89ERA\r\n\x1a\n"      # high bit, CR LF, ^Z: catches text-mode damage
 FORMAT_VERSION = 1
 FLAG_SINCE_ERA = 1
 FLAG_ERA = 2
 FLAG_FULL = 4
-KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL
+FLAG_UNDO = 8                     # an undo file: the old content an apply overwrote
+KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO
 
 TAG_DATA = b"DATA"
 TAG_ZERO = b"ZERO"
@@ -428,7 +430,7 @@ class Source:
 class Destination:
     """The mirror: a regular file (created, grown) or a block device (O_EXCL)."""
 
-    def __init__(self, path, create=True):
+    def __init__(self, path, create=True, readable=False):
         self.path = path
         try:
             try:
@@ -437,10 +439,11 @@ class Destination:
                 if not create:
                     raise
                 mode = None
+            self.created = mode is None
             self.is_block = mode is not None and stat.S_ISBLK(mode)
             if mode is not None and not (self.is_block or stat.S_ISREG(mode)):
                 raise DeviceError("%s is not a regular file or block device" % path)
-            flags = os.O_WRONLY
+            flags = os.O_RDWR if readable else os.O_WRONLY
             if self.is_block:
                 # O_EXCL on a block device: refuse one that is mounted or in use.
                 flags |= os.O_EXCL
@@ -457,28 +460,37 @@ class Destination:
         self.written = 0          # bytes written so far, for messages
         self.zeros = b""
 
-    def fit(self, device_size, force):
-        """Check the mirror against the source size; grow a file to it."""
-        if self.is_block:
-            if device_size > self.size:
-                raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
-                                  % (device_size, self.path, self.size))
-            return
-        if self.size > device_size and not force:
-            raise DeviceError("%s (%d bytes) is larger than the source (%d bytes): "
-                              "wrong mirror? --force writes to it anyway"
-                              % (self.path, self.size, device_size))
-        if self.size < device_size:
-            try:
-                os.ftruncate(self.fd, device_size)
-            except OSError as exc:
-                raise _os_error(exc, "cannot grow %s" % self.path) from None
-            self.size = device_size
+    def resize(self, size):
+        """Grow a mirror file to the source size, or shrink it back (undo)."""
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _os_error(exc, "cannot %s %s to %d bytes"
+                            % ("grow" if size > self.size else "shrink", self.path,
+                               size)) from None
+        self.size = size
 
     def check_span(self, offset, length):
         if self.is_block and offset + length > self.size:
             raise DeviceError("record at offset %d (%d bytes) is past the end of %s "
                               "(%d bytes)" % (offset, length, self.path, self.size))
+
+    def read(self, offset, length):
+        """The current content of a region (for the undo file)."""
+        data = b""
+        try:
+            while len(data) < length:
+                piece = os.pread(self.fd, length - len(data), offset + len(data))
+                if not piece:
+                    break
+                data += piece
+        except OSError as exc:
+            raise _os_error(exc, "read error at offset %d of %s" % (offset + len(data),
+                                                                    self.path)) from None
+        if len(data) < length:
+            raise DeviceError("%s ended at offset %d while saving its old content"
+                              % (self.path, offset + len(data)))
+        return data
 
     def write(self, offset, data):
         view = memoryview(data)
@@ -503,13 +515,6 @@ class Destination:
             offset += piece
             length -= piece
 
-    def truncate(self, size):
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as exc:
-            raise _os_error(exc, "cannot shrink %s" % self.path) from None
-        self.size = size
-
     def sync(self):
         """Make everything written durable: exit 0 promises it."""
         try:
@@ -524,15 +529,19 @@ class Destination:
 class Output:
     """Where a stream goes: a file descriptor written with full writes."""
 
-    def __init__(self, path):
+    def __init__(self, path, exclusive=False):
         self.path = path
         if path is None or path == "-":
             self.fd = sys.stdout.fileno()
             self.name = "standard output"
             self.created = False
         else:
+            # exclusive: never overwrite a file that may be the only way back.
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
             try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self.fd = os.open(path, flags, 0o644)
+            except FileExistsError:
+                raise EraError("%s already exists; refusing to overwrite it" % path) from None
             except OSError as exc:
                 raise _os_error(exc, "cannot create %s" % path) from None
             self.name = path
@@ -581,7 +590,7 @@ class StreamHeader:
 
     def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
                  since_era=None, era=None, full=False, created=None, source_id="",
-                 version=FORMAT_VERSION):
+                 version=FORMAT_VERSION, undo=False):
         self.version = version
         self.device_size = device_size
         self.total_bytes = total_bytes
@@ -590,6 +599,7 @@ class StreamHeader:
         self.since_era = since_era
         self.era = era
         self.full = full
+        self.undo = undo
         self.created = int(time.time()) if created is None else created
         self.source_id = source_id
 
@@ -597,7 +607,8 @@ class StreamHeader:
         source_id = self.source_id.encode("utf-8")
         flags = ((FLAG_SINCE_ERA if self.since_era is not None else 0)
                  | (FLAG_ERA if self.era is not None else 0)
-                 | (FLAG_FULL if self.full else 0))
+                 | (FLAG_FULL if self.full else 0)
+                 | (FLAG_UNDO if self.undo else 0))
         head = HEADER.pack(MAGIC, self.version, flags, self.device_size, self.total_bytes,
                            self.block_size, self.chunk_size, self.since_era or 0,
                            self.era or 0, self.created, len(source_id)) + source_id
@@ -613,6 +624,7 @@ class StreamHeader:
             "since_era": self.since_era,
             "era": self.era,
             "full": self.full,
+            "undo": self.undo,
             "created": self.created,
             "source_id": self.source_id,
         }
@@ -738,7 +750,7 @@ def read_header(inp, magic=None):
         raise StreamError("header has unknown flags 0x%x" % flags)
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise StreamError("header has a chunk size of %d bytes" % chunk_size)
-    if total_bytes > device_size:
+    if total_bytes > device_size and not flags & FLAG_UNDO:
         raise StreamError("header says %d bytes to copy from a %d-byte device"
                           % (total_bytes, device_size))
     try:
@@ -748,7 +760,8 @@ def read_header(inp, magic=None):
     header = StreamHeader(device_size, total_bytes, block_size, chunk_size,
                           since_era if flags & FLAG_SINCE_ERA else None,
                           era if flags & FLAG_ERA else None,
-                          bool(flags & FLAG_FULL), created, source_id, version)
+                          bool(flags & FLAG_FULL), created, source_id, version,
+                          bool(flags & FLAG_UNDO))
     header.crc = header_crc
     header.raw = raw + CRC.pack(header_crc)
     return header
@@ -771,6 +784,8 @@ class StreamReader:
         self.data_bytes = 0
         self.zero_bytes = 0
         self.complete = False
+        self.record_start = inp.position
+        self.last_chunk = None
 
     def __iter__(self):
         """Yield (offset, length, payload or None for zeros)."""
@@ -778,6 +793,7 @@ class StreamReader:
         header = self.header
         stream_crc = self.stream_crc
         while True:
+            self.record_start = inp.position
             record = inp.read_exact(CHUNK.size, "a chunk header")
             stream_crc = zlib.crc32(record, stream_crc)
             tag, seq, offset, length, crc = CHUNK.unpack(record)
@@ -804,6 +820,8 @@ class StreamReader:
                 computed = zlib.crc32(record[:CHUNK_FIELDS.size], header.crc)
             if computed != crc:
                 raise ChecksumMismatch("%s at offset %d: checksum mismatch" % (where, offset))
+            self.last_chunk = (tag, seq, offset, length, crc, inp.position - (
+                length if payload is not None else 0))
             self.chunks += 1
             if payload is None:
                 self.zero_bytes += length
@@ -820,7 +838,10 @@ class StreamReader:
             raise StreamError("trailer counts %d chunks (%d data, %d zero bytes), stream "
                               "had %d (%d, %d)" % (chunks, data_bytes, zero_bytes, self.chunks,
                                                    self.data_bytes, self.zero_bytes))
-        if data_bytes + zero_bytes != self.header.total_bytes:
+        # An undo file covers the incoming stream's regions only where the mirror had data.
+        covered = data_bytes + zero_bytes
+        if covered > self.header.total_bytes or (
+                covered != self.header.total_bytes and not self.header.undo):
             raise StreamError("stream has %d bytes, its header promised %d"
                               % (data_bytes + zero_bytes, self.header.total_bytes))
         if not self.inp.at_end():
@@ -911,6 +932,25 @@ def load_state(path):
     return state
 
 
+def remove_state(path):
+    """The mirror is back before any chained stream: no era to record."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _os_error(exc, "cannot remove state file %s" % path) from None
+    _sync_directory(path)
+
+
+def _sync_directory(path):
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def check_chain(state, header, path):
     """Refuse a stream that would leave a gap or belongs to another source.
 
@@ -932,6 +972,13 @@ def check_chain(state, header, path):
         raise ChainError("stream has block size %d, the mirror %d (%s): wrong mirror? "
                          "(--force applies anyway)"
                          % (header.block_size, state["block_size"], path))
+    if header.undo:
+        # An undo file takes the mirror back from exactly the era its apply reached.
+        if header.since_era is not None and state["era"] != header.since_era:
+            raise ChainError("undo file is for the mirror at era %d, but it is at era %s (%s): "
+                             "apply newer undo files first (--force applies anyway)"
+                             % (header.since_era, state["era"], path))
+        return
     if header.full:
         return
     if state["era"] is None:
@@ -948,27 +995,22 @@ def check_chain(state, header, path):
                             header.since_era - 1))
 
 
-def save_state(path, header, previous=None):
-    """Record the mirror's new era, atomically: only after its data is synced.
+def save_state(path, source_id, source_size, block_size, era, stream_created=None):
+    """Record the mirror's era, atomically: only after its data is synced.
 
-    A stream without an era (original format, or no --era) applied with
-    --force leaves the era unknown: the next stream must be a full copy.
+    era None means unknown (a stream without an era was forced onto the
+    mirror): the next stream must then be a full copy.
     """
-    if header is None:
-        previous = previous or {}
-        source = (previous.get("source_id"), previous.get("source_size"),
-                  previous.get("block_size"), None, None)
-    else:
-        source = (header.source_id, header.device_size, header.block_size, header.era,
-                  header.created)
     state = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "applied": int(time.time()),
+        "source_id": source_id,
+        "source_size": source_size,
+        "block_size": block_size,
+        "era": era,
+        "stream_created": stream_created,
     }
-    state.update(zip(("source_id", "source_size", "block_size", "era", "stream_created"),
-                     source))
-    directory = os.path.dirname(os.path.abspath(path))
     temp = "%s.tmp%d" % (path, os.getpid())
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -982,11 +1024,7 @@ def save_state(path, header, previous=None):
             os.close(fd)
         os.rename(temp, path)
         # The rename itself is durable only once the directory is synced.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _sync_directory(path)
     except OSError as exc:
         try:
             os.unlink(temp)
@@ -995,6 +1033,128 @@ def save_state(path, header, previous=None):
         raise _os_error(exc, "cannot write state file %s (the data is synced; the "
                         "mirror's era was not advanced)" % path) from None
     return state
+
+
+# ---------------------------------------------------------------------------
+# Undo: the old content of what an apply overwrites
+# ---------------------------------------------------------------------------
+
+
+class UndoLog:
+    """An undo file: a stream of the mirror's old content, written before each overwrite.
+
+    Its header records the mirror's size before the apply (device_size), the
+    era the apply takes the mirror to (since_era) and the era it was at
+    (era), so the undo file applied as a stream steps the mirror back.
+    """
+
+    def __init__(self, path, dest, incoming, state):
+        self.path = path
+        self.dest = dest
+        previous_era = state.get("era") if state else None
+        # At most: every region the stream writes, and what a shrink would cut off.
+        total = incoming.total_bytes + max(0, dest.initial_size - incoming.device_size)
+        header = StreamHeader(dest.initial_size, total, incoming.block_size,
+                              incoming.chunk_size, since_era=incoming.era, era=previous_era,
+                              source_id=incoming.source_id, undo=True)
+        self.chunk_size = incoming.chunk_size
+        self.output = Output(path, exclusive=True)
+        self.writer = StreamWriter(self.output, header)
+        self.sync()
+
+    def save(self, offset, length):
+        """Append the current content of a region; what lies past the old end needs none."""
+        stop = min(offset + length, self.dest.initial_size)
+        while offset < stop:
+            size = min(stop - offset, self.chunk_size)
+            self.writer.write_chunk(offset, self.dest.read(offset, size))
+            offset += size
+
+    def sync(self):
+        try:
+            os.fsync(self.output.fd)
+        except OSError as exc:
+            raise _os_error(exc, "cannot sync undo file %s" % self.path) from None
+
+    def finish(self):
+        self.writer.finish()
+        self.sync()
+        self.close()
+
+    def close(self):
+        if self.output.fd is not None:
+            os.close(self.output.fd)
+            self.output.fd = None
+
+
+def read_undo(path):
+    """An undo file's header and intact chunks, from a complete or a cut-short file.
+
+    Returns (header or None, chunks, complete). A file cut inside its header
+    belongs to an apply that changed nothing: the header is synced before
+    any overwrite.
+    """
+    inp = Input(path)
+    try:
+        try:
+            header = read_header(inp)
+        except TruncatedStream:
+            return None, [], False
+        if not header.undo:
+            raise StreamError("%s is a stream, not an undo file" % path)
+        reader = StreamReader(inp, header)
+        chunks = []
+        try:
+            for _ in reader:
+                chunks.append(reader.last_chunk)
+            return header, chunks, True
+        except TruncatedStream:
+            return header, chunks, False
+        except StreamError as exc:
+            # A crash can leave zeros after the last complete chunk: a cut, not damage.
+            if _zeros_from(path, reader.record_start):
+                return header, chunks, False
+            raise StreamError("undo file %s is damaged: %s" % (path, exc)) from None
+    finally:
+        inp.close()
+
+
+def _zeros_from(path, position):
+    with open(path, "rb") as f:
+        f.seek(position)
+        while True:
+            piece = f.read(1 << 20)
+            if not piece:
+                return True
+            if piece.strip(b"\0"):
+                return False
+
+
+def restore_from_undo(dest, path, header, chunks):
+    """Write an undo file's chunks back, newest first, then the old size."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _os_error(exc, "cannot open %s" % path) from None
+    try:
+        for tag, seq, offset, length, crc, position in reversed(chunks):
+            if tag == TAG_ZERO:
+                dest.write_zeros(offset, length)
+                continue
+            payload = os.pread(fd, length, position)
+            fields = CHUNK_FIELDS.pack(tag, seq, offset, length)
+            if len(payload) != length or \
+                    zlib.crc32(fields, zlib.crc32(payload, header.crc)) != crc:
+                raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
+                                       % (path, seq))
+            dest.write(offset, payload)
+    except OSError as exc:
+        raise _os_error(exc, "cannot read %s" % path) from None
+    finally:
+        os.close(fd)
+    if not dest.is_block and dest.size != header.device_size:
+        dest.resize(header.device_size)
+    dest.sync()
 
 
 # ---------------------------------------------------------------------------
@@ -1188,6 +1348,9 @@ def cmd_apply(args):
         if kind == "era":
             header = read_header(inp, first)
         else:
+            if args.undo:
+                raise EraError("--undo needs an era_tool stream: the original format cannot "
+                               "prove a stream complete, so it cannot be undone safely")
             header = None
             # Push the 8 bytes read to detect the format back in front.
             records = iter_legacy(_Prefixed(inp, first))
@@ -1201,25 +1364,40 @@ def cmd_apply(args):
             state = None
         if not args.force:
             check_chain(state, header, state_file)
-        dest = Destination(args.destination)
+        dest = Destination(args.destination, readable=bool(args.undo))
         try:
             if state_file is None and header is not None and header.era is not None:
                 warn("%s is a block device: its era is not recorded without --state FILE"
                      % args.destination)
             if kind == "era":
-                dest.fit(header.device_size, args.force)
-                _apply_era(inp, header, dest, args)
+                _apply_era(inp, header, dest, args, state)
             else:
                 _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
         finally:
             dest.close()
-        # The data is synced: now, and only now, the mirror's era may advance.
-        if state_file is not None and (
-                (header is not None and header.era is not None) or state is not None):
-            save_state(state_file, header, state)
+        # The data is synced: now, and only now, the mirror's era may change.
+        if state_file is not None:
+            _record_state(state_file, state, header)
     finally:
         inp.close()
     return 0
+
+
+def _record_state(path, state, header):
+    if header is None:
+        # An original-format stream, forced: the era is now unknown.
+        if state is not None:
+            save_state(path, state.get("source_id"), state.get("source_size"),
+                       state.get("block_size"), None)
+    elif header.era is not None:
+        save_state(path, header.source_id, header.device_size, header.block_size, header.era,
+                   header.created)
+    elif header.undo:
+        if state is not None:
+            remove_state(path)   # back before the first chained stream
+    elif state is not None:
+        save_state(path, header.source_id, header.device_size, header.block_size, None,
+                   header.created)
 
 
 def _partial(exc, dest):
@@ -1230,25 +1408,94 @@ def _partial(exc, dest):
                          % (exc, dest.written, dest.path))
 
 
-def _apply_era(inp, header, dest, args):
-    reader = StreamReader(inp, header)
-    progress = Progress(args.progress, "applied", header.total_bytes)
-    done = 0
+def _apply_era(inp, header, dest, args, state):
+    undo = None
+    if args.undo:
+        # The undo header is durable before anything changes, the file's growth included.
+        undo = UndoLog(args.undo, dest, header, state)
     try:
-        for offset, length, payload in reader:
+        if dest.is_block and header.device_size > dest.size:
+            raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
+                              % (header.device_size, dest.path, dest.size))
+        # An undo file may shrink the mirror back; otherwise a larger mirror is suspect.
+        if not dest.is_block and dest.size > header.device_size and not (
+                args.force or header.undo):
+            raise DeviceError("%s (%d bytes) is larger than the source (%d bytes): "
+                              "wrong mirror? --force writes to it anyway"
+                              % (dest.path, dest.size, header.device_size))
+        if not dest.is_block and dest.size < header.device_size:
+            dest.resize(header.device_size)
+        _apply_chunks(StreamReader(inp, header), dest, undo,
+                      Progress(args.progress, "applied", header.total_bytes))
+        if not dest.is_block and dest.size > header.device_size:
+            # Shrink only now that the whole stream is proven.
+            if undo is not None:
+                undo.save(header.device_size, dest.size - header.device_size)
+                undo.sync()
+            dest.resize(header.device_size)
+        dest.sync()
+        if undo is not None:
+            undo.finish()
+    except EraError as exc:
+        if undo is None:
+            raise _partial(exc, dest) from None
+        raise _roll_back_failed_apply(exc, dest, undo) from None
+
+
+def _apply_chunks(reader, dest, undo, progress):
+    """Write verified chunks; with an undo log, each region's old content first."""
+    done = 0
+    pending = []          # chunks whose old content is saved but not yet synced
+    pending_bytes = 0
+    for offset, length, payload in reader:
+        if undo is None:
             if payload is None:
                 dest.write_zeros(offset, length)
             else:
                 dest.write(offset, payload)
-            done += length
-            progress.update(done)
-    except EraError as exc:
-        raise _partial(exc, dest) from None
-    if args.force and not dest.is_block and dest.size > header.device_size:
-        # Shrink only now that the whole stream is proven: the source shrank.
-        dest.truncate(header.device_size)
-    dest.sync()
+        else:
+            undo.save(offset, length)
+            # The reader reuses its buffer: keep a copy until the batch is written.
+            pending.append((offset, length, None if payload is None else bytes(payload)))
+            pending_bytes += length
+            if pending_bytes >= UNDO_BATCH:
+                _write_batch(dest, undo, pending)
+                pending_bytes = 0
+        done += length
+        progress.update(done)
+    if pending:
+        _write_batch(dest, undo, pending)
     progress.finish(done)
+
+
+def _write_batch(dest, undo, pending):
+    # One fsync of the undo file for the whole batch, before any of it is overwritten.
+    undo.sync()
+    for offset, length, data in pending:
+        if data is None:
+            dest.write_zeros(offset, length)
+        else:
+            dest.write(offset, data)
+    del pending[:]
+
+
+def _roll_back_failed_apply(exc, dest, undo):
+    """All or nothing: put back what a failed apply --undo changed."""
+    undo.close()
+    try:
+        header, entries, _ = read_undo(undo.path)
+        restore_from_undo(dest, undo.path, header, entries)
+    except EraError as again:
+        return exc.__class__("%s; rolling back failed too (%s): run 'era_tool.py rollback %s %s'"
+                             % (exc, again, undo.path, dest.path))
+    try:
+        os.unlink(undo.path)
+        if dest.created:
+            os.unlink(dest.path)
+    except OSError:
+        pass
+    return exc.__class__("%s; rolled back: %s is as it was before this apply"
+                         % (exc, dest.path))
 
 
 def _apply_legacy(inp, records, dest, args):
@@ -1287,6 +1534,46 @@ class _Prefixed:
             self.prefix = b""
             return size + self.inp.read_into(view[size:])
         return self.inp.read_into(view)
+
+
+def cmd_rollback(args):
+    header, chunks, complete = read_undo(args.undo_file)
+    if header is None:
+        sys.stderr.write("era_tool: %s holds no complete header: the apply that made it "
+                         "changed nothing in %s\n" % (args.undo_file, args.destination))
+        return 0
+    state_file = state_path(args.destination, args.state)
+    state = None if args.force else load_state(state_file)
+    if state is not None:
+        # Back from the era the apply reached, or from where it stopped (state unchanged).
+        if state["source_id"] is not None and state["source_id"] != header.source_id:
+            raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
+                             "mirror? (--force rolls back anyway)"
+                             % (header.source_id, state["source_id"], state_file))
+        if header.since_era is not None and state["era"] not in (header.since_era, header.era):
+            raise ChainError("undo file takes the mirror from era %d back to era %s, but it is "
+                             "at era %s (%s): roll back newer undo files first (--force rolls "
+                             "back anyway)" % (header.since_era, header.era, state["era"],
+                                               state_file))
+    dest = Destination(args.destination, create=False)
+    try:
+        if dest.is_block and header.device_size > dest.size:
+            raise DeviceError("undo file is for a %d-byte device but %s has %d bytes"
+                              % (header.device_size, dest.path, dest.size))
+        restore_from_undo(dest, args.undo_file, header, chunks)
+    finally:
+        dest.close()
+    if state_file is not None:
+        if header.era is not None:
+            save_state(state_file, header.source_id, header.device_size, header.block_size,
+                       header.era)
+        elif state is not None or args.force:
+            remove_state(state_file)
+    print("rolled back %s: %d chunks restored from %s undo file, size %d bytes%s"
+          % (args.destination, len(chunks), "a complete" if complete else "a cut-short",
+             header.device_size,
+             "" if header.era is None else ", at era %d again" % header.era))
+    return 0
 
 
 def cmd_info(args):
@@ -1425,31 +1712,40 @@ def _source_id(text):
 
 COPY_EPILOG = """\
 examples:
-  era_invalidate --metadata-snapshot --written-since 42 /dev/meta | %(prog)s 1024
+  era_invalidate --metadata-snapshot --written-since 42 /dev/meta | python3 era_tool.py copy 1024
       print "N bytes to copy" (the estimate; --json for ranges and blocks too)
   era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
-      | %(prog)s --since-era 42 --era 45 1024 /dev/mapper/root_era \\
+      | python3 era_tool.py copy --since-era 42 --era 45 1024 /dev/mapper/root_era \\
       | gzip -1 | ssh backup 'gzip -d | python3 era_tool.py apply /srv/root.img'
-  %(prog)s --full 1024 /dev/mapper/root_era -o full.era
+  python3 era_tool.py copy --full 1024 /dev/mapper/root_era -o full.era
 """
 
 APPLY_EPILOG = """\
 examples:
   ssh host 'era_invalidate ... | python3 era_tool.py copy 1024 /dev/mapper/root_era' \\
-      | %(prog)s /srv/root.img
-  %(prog)s -i full.era /srv/root.img
-  zstd -d < delta.era.zst | %(prog)s --progress /dev/backup/root
+      | python3 era_tool.py apply /srv/root.img
+  python3 era_tool.py apply -i full.era /srv/root.img
+  zstd -d < delta.era.zst | python3 era_tool.py apply --progress /dev/backup/root
+  python3 era_tool.py apply --undo /srv/root.img.undo.$(date +%Y%m%d-%H%M%S) /srv/root.img < delta.era
 
 exit 0 means the stream was complete and intact and the data is on disk (fsync).
 On a damaged or cut stream nothing unverified is written; the message says how
 much was applied and that the destination is partially updated.
 """
 
+ROLLBACK_EPILOG = """\
+examples:
+  python3 era_tool.py rollback /srv/root.img.undo.20261126 /srv/root.img
+      after a killed apply --undo: the mirror is as before that apply
+  for undo in $(ls -r /srv/root.img.undo.*); do python3 era_tool.py rollback "$undo" /srv/root.img; done
+      step back through kept versions, newest first
+"""
+
 INFO_EPILOG = """\
 examples:
-  %(prog)s -i delta.era
-  gzip -d < delta.era.gz | %(prog)s --json
-  %(prog)s /srv/root.img          the mirror's size and the era it holds
+  python3 era_tool.py info -i delta.era
+  gzip -d < delta.era.gz | python3 era_tool.py info --json
+  python3 era_tool.py info /srv/root.img          the mirror's size and the era it holds
 """
 
 
@@ -1516,12 +1812,32 @@ def build_parser():
                              "(gap, other source, other block size) or the mirror file is "
                              "larger than the source (then shrink it to the source size once "
                              "the stream is complete)")
+    apply_.add_argument("--undo", metavar="UNDO_FILE",
+                        help="first save the old content of every region overwritten into "
+                             "UNDO_FILE (a new file), synced before the overwrite: a failed "
+                             "apply then rolls itself back, and 'rollback' or applying "
+                             "UNDO_FILE steps the mirror back later")
     apply_.add_argument("--allow-empty", action="store_true",
                         help="accept an empty input as an original-format stream with no "
                              "changes")
     apply_.add_argument("--progress", action="store_true",
                         help="show bytes applied, rate and ETA on stderr")
     apply_.set_defaults(func=cmd_apply)
+
+    rollback = commands.add_parser(
+        "rollback", help="put a mirror back as it was before an apply --undo",
+        description="Restore DESTINATION byte for byte to its state before the apply that "
+                    "wrote UNDO_FILE, from a complete undo file or one cut short by a killed "
+                    "or crashed apply, and restore its recorded era.",
+        epilog=ROLLBACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rollback.add_argument("undo_file", metavar="UNDO_FILE", help="written by apply --undo")
+    rollback.add_argument("destination", metavar="DESTINATION", help="the mirror")
+    rollback.add_argument("--state", metavar="FILE",
+                          help="the mirror's state file, if not DESTINATION.era")
+    rollback.add_argument("--force", action="store_true",
+                          help="roll back even if the undo file does not match the mirror's "
+                               "recorded source or era")
+    rollback.set_defaults(func=cmd_rollback)
 
     info = commands.add_parser(
         "info", help="describe and verify a stream without writing anything",

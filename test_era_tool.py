@@ -700,7 +700,7 @@ def apply_quick(tmp_path, old, stream):
     """
     mirror = write(tmp_path / "mirror", old)
     path = write(tmp_path / "damaged", stream)
-    args = argparse.Namespace(input=path, destination=mirror, force=False, state=None,
+    args = argparse.Namespace(input=path, destination=mirror, force=False, state=None, undo=None,
                               allow_empty=False, progress=False)
     try:
         era_tool.cmd_apply(args)
@@ -1306,6 +1306,250 @@ class TestCommandLine:
         assert imports <= set(sys.stdlib_module_names) if hasattr(sys, "stdlib_module_names") \
             else True
         assert "era_tool" not in imports
+
+
+# ---------------------------------------------------------------------------
+# Undo and rollback
+# ---------------------------------------------------------------------------
+
+
+class UndoCase:
+    """An old mirror with a chain state, and a stream that changes it."""
+
+    def __init__(self, tmp_path, blocks=64, old_blocks=None, seed=60):
+        self.tmp_path = tmp_path
+        old_blocks = blocks if old_blocks is None else old_blocks
+        self.old = random_bytes(old_blocks * BLOCK, seed)
+        padded = self.old[:blocks * BLOCK] + bytes(max(0, blocks * BLOCK - len(self.old)))
+        self.ranges = [(1, 3), (10, 20), (blocks - 5, blocks)]
+        self.new = changed_device(padded, self.ranges, seed + 1)
+        self.source = write(tmp_path / "dev", self.new)
+        self.mirror = str(tmp_path / "mirror.img")
+        self.undo = str(tmp_path / "mirror.img.undo")
+        write(self.mirror, self.old)
+        era_tool.save_state(self.mirror + ".era", "web1:root", len(self.old), 8, 5)
+        self.stream = make_stream(tmp_path, self.source, self.ranges, "--since-era", "5",
+                                  "--era", "9", "--source-id", "web1:root", name="u.era")
+        self.stream_path = write(tmp_path / "u.era", self.stream)
+
+    def era(self):
+        with open(self.mirror + ".era") as f:
+            return json.load(f)["era"]
+
+
+class TestUndo:
+    def test_apply_then_rollback(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert read(case.mirror) == case.new and case.era() == 9
+        code, out, _ = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 0 and "a complete undo file" in out and "era 5 again" in out
+        assert read(case.mirror) == case.old and case.era() == 5
+
+    def test_undo_file_is_a_stream(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        code, out, _ = run_main(["info", "--json", "-i", case.undo], capsys)
+        info = json.loads(out)
+        assert code == 0 and info["intact"] and info["undo"]
+        assert (info["since_era"], info["era"], info["device_size"]) == (9, 5, len(case.old))
+        assert era_tool.main(["apply", "-i", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old and case.era() == 5
+
+    def test_grown_file_shrinks_back(self, tmp_path):
+        case = UndoCase(tmp_path, blocks=64, old_blocks=40)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert read(case.mirror) == case.new
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+
+    def test_forced_shrink_is_undone(self, tmp_path):
+        case = UndoCase(tmp_path, blocks=32, old_blocks=48)
+        assert era_tool.main(["apply", "--force", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert read(case.mirror) == case.new
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+
+    def test_new_mirror_rolls_back_to_empty(self, tmp_path):
+        case = UndoCase(tmp_path)
+        os.unlink(case.mirror)
+        os.unlink(case.mirror + ".era")
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == b""
+        assert not os.path.exists(case.mirror + ".era")
+
+    def test_versions_step_back_newest_first(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        versions = [case.old]
+        undos = []
+        device = case.new
+        for number, (since, era) in enumerate([(5, 9), (9, 12), (12, 15)]):
+            device = changed_device(device, [(number * 7, number * 7 + 4)], 70 + number)
+            write(case.source, device)
+            stream = write(tmp_path / ("v%d" % number), make_stream(
+                tmp_path, case.source, [(0, 64)], "--since-era", str(since), "--era",
+                str(era), "--source-id", "web1:root", name="v%d.era" % number))
+            undos.append(str(tmp_path / ("undo%d" % number)))
+            assert era_tool.main(["apply", "--undo", undos[-1], "-i", stream,
+                                  case.mirror]) == 0
+            versions.append(device)
+        # An older undo file first would mix two versions: refused.
+        capsys.readouterr()
+        assert era_tool.main(["apply", "-i", undos[0], case.mirror]) == 1
+        _, err = capsys.readouterr()
+        assert_one_line_error(err, "undo file is for the mirror at era 9, but it is at era 15")
+        assert era_tool.main(["rollback", undos[1], case.mirror]) == 1
+        for undo, version in zip(reversed(undos), reversed(versions[:-1])):
+            assert era_tool.main(["apply", "-i", undo, case.mirror]) == 0
+            assert read(case.mirror) == version
+        assert case.era() == 5
+
+    @pytest.mark.parametrize("cut", ["header", "chunk", "payload", "trailer", "flip"])
+    def test_damaged_stream_rolls_back(self, tmp_path, capsys, monkeypatch, cut):
+        monkeypatch.setattr(era_tool, "UNDO_BATCH", BLOCK)     # overwrite as early as possible
+        case = UndoCase(tmp_path)
+        stream = bytearray(case.stream)
+        header_size = len(era_tool.read_header(_BytesInput(case.stream)).raw)
+        damaged = {
+            "header": bytes(stream[:header_size]),
+            "chunk": bytes(stream[:header_size + 3 * (24 + 4 * BLOCK) + 10]),
+            "payload": bytes(stream[:len(stream) - 5000]),
+            "trailer": bytes(stream[:-1]),
+        }.get(cut)
+        if damaged is None:
+            stream[len(stream) - 300] ^= 0x10
+            damaged = bytes(stream)
+        code, _, err = run_main(["apply", "--undo", case.undo, "-i",
+                                 write(tmp_path / "d", damaged), case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err)
+        if cut != "header":
+            assert "rolled back" in err
+        assert read(case.mirror) == case.old and case.era() == 5
+        assert not os.path.exists(case.undo)
+
+    def test_disk_full_rolls_back(self, tmp_path, capsys):
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a small tmpfs")
+        mountpoint = tmp_path / "small"
+        mountpoint.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs",
+                           str(mountpoint)]).returncode != 0:
+            pytest.skip("cannot mount tmpfs here")
+        try:
+            old = random_bytes(16 * BLOCK, 80)
+            mirror = write(mountpoint / "m", old)
+            source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 81))
+            stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
+            code, _, err = run_main(["apply", "--undo", str(tmp_path / "undo"), "-i", stream,
+                                     mirror], capsys)
+            assert code == 1
+            assert_one_line_error(err, "No space left on device", "rolled back")
+            assert read(mirror) == old
+        finally:
+            subprocess.run(["umount", str(mountpoint)])
+
+    def test_sigkill_then_rollback(self, tmp_path):
+        """Thirty kills at random moments: rollback always gives back the old mirror."""
+        case = UndoCase(tmp_path, blocks=256)
+        small = make_stream(tmp_path, case.source, case.ranges + [(30, 200)], "--since-era",
+                            "5", "--era", "9", "--source-id", "web1:root", name="k.era")
+        script = ("import sys; sys.path.insert(0, %r); import era_tool; "
+                  "era_tool.UNDO_BATCH = 3 * 4096; "
+                  "sys.exit(era_tool.main(['apply', '--undo', %r, %r]))"
+                  % (HERE, case.undo, case.mirror))
+        rng = random.Random(82)
+        outcomes = set()
+        for attempt in range(30):
+            write(case.mirror, case.old)
+            era_tool.save_state(case.mirror + ".era", "web1:root", len(case.old), 8, 5)
+            if os.path.exists(case.undo):
+                os.unlink(case.undo)
+            proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + rng.uniform(0.05, 0.6)
+            position = 0
+            try:
+                while position < len(small) and time.monotonic() < deadline:
+                    piece = rng.randrange(1000, 6000)
+                    proc.stdin.write(small[position:position + piece])
+                    proc.stdin.flush()
+                    position += piece
+                    time.sleep(0.002)
+            except BrokenPipeError:
+                pass
+            proc.kill()
+            proc.wait()
+            changed = read(case.mirror) != case.old
+            outcomes.add((changed, os.path.exists(case.undo)))
+            if os.path.exists(case.undo):
+                assert era_tool.main(["rollback", case.undo, case.mirror]) == 0, attempt
+            else:
+                assert not changed, attempt       # no undo file: nothing was overwritten
+            assert read(case.mirror) == case.old, attempt
+            assert case.era() == 5
+        # The kills landed both before and after overwrites began.
+        assert (True, True) in outcomes and len(outcomes) >= 2, outcomes
+
+    def test_rollback_of_header_cut_undo_changes_nothing(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        write(case.undo, era_tool.MAGIC + b"\x01")
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 0 and "changed nothing" in err
+        assert read(case.mirror) == case.old
+
+    def test_rollback_refuses_foreign_undo(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        era_tool.save_state(case.mirror + ".era", "db1:root", len(case.old), 8, 9)
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "from source 'web1:root'", "--force")
+        assert read(case.mirror) == case.new
+        assert era_tool.main(["rollback", "--force", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+
+    def test_rollback_refuses_a_stream(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["rollback", case.stream_path, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "is a stream, not an undo file")
+
+    def test_rollback_refuses_damaged_undo(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        data = bytearray(read(case.undo))
+        data[200] ^= 1
+        write(case.undo, bytes(data))
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "is damaged")
+        assert read(case.mirror) == case.new
+
+    def test_existing_undo_file_not_overwritten(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        write(case.undo, b"precious")
+        code, _, err = run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "already exists")
+        assert read(case.undo) == b"precious" and read(case.mirror) == case.old
+
+    def test_undo_refuses_legacy_stream(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        stream = write(tmp_path / "leg", legacy_record(0, b"x"))
+        code, _, err = run_main(["apply", "--force", "--undo", case.undo, "-i", stream,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "--undo needs an era_tool stream")
 
 
 # ---------------------------------------------------------------------------
