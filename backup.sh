@@ -20,6 +20,8 @@
 #   TOOL             era_tool.py on this host (default: beside backup.sh); it is sent to HOST each run
 #   MAX_PASSES       passes before giving up on getting under FREEZE_LIMIT (default: 5)
 #   COMPRESS         gzip, zstd, lz4, xz or none (default: gzip)
+#   KEEP_UNDO        keep undo files of the last N passes beside the mirror, dated (default: 0, none); with
+#                    N >= 1 every pass is all-or-nothing, and older versions can be stepped back to
 #
 # HOST needs python3, dmsetup, thin-provisioning-tools (era_invalidate) and, with MOUNTPOINT, fsfreeze.
 # The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
@@ -31,7 +33,7 @@ log() { printf '%s backup.sh: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 settings="HOST SSH ERA_DEVICE DATA_DEVICE METADATA_DEVICE GRANULARITY MOUNTPOINT FREEZE_LIMIT FREEZE_TIMEOUT
-DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS"
+DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO"
 
 load_settings() {
     local line key value lineno=0
@@ -68,8 +70,9 @@ SOURCE_ID=${SOURCE_ID:-$HOST:$ERA_DEVICE}
 TOOL=${TOOL:-$(dirname "$(readlink -f "$0")")/era_tool.py}
 MAX_PASSES=${MAX_PASSES:-5}
 COMPRESS=${COMPRESS:-gzip}
+KEEP_UNDO=${KEEP_UNDO:-0}
 
-for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES; do
+for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES KEEP_UNDO; do
     [[ ${!number} =~ ^[0-9]+$ ]] || die "$number must be a whole number, not '${!number}'"
 done
 [ -z "$GRANULARITY" ] || [[ $GRANULARITY =~ ^[0-9]+$ ]] || die "GRANULARITY must be a number of sectors"
@@ -192,11 +195,27 @@ mirror_era() {
     python3 "$TOOL" info --json "$mirror" | python3 -c 'import json, sys; e = json.load(sys.stdin).get("era"); print("" if e is None else e)'
 }
 
+passes_run=0
+
+# Undo files of earlier passes, oldest first (the names sort by date).
+undo_files() {
+    local f
+    for f in "$mirror".undo.*; do [ -e "$f" ] && printf '%s\n' "$f"; done
+    return 0
+}
+
 # One pass: copy | compress | ssh | decompress | apply. The mirror's era advances only if apply exits 0.
 pass() {
-    local kind=$1 since=${2:-} started=$SECONDS
-    remote_copy "$kind" "$since" | $unpack | python3 "$TOOL" apply "$mirror"
+    local kind=$1 since=${2:-} started=$SECONDS undo=()
+    if [ "$KEEP_UNDO" -gt 0 ]; then
+        passes_run=$((passes_run + 1))
+        undo=(--undo "$mirror.undo.$(date +%Y%m%d-%H%M%S).$(printf %03d "$passes_run").$kind")
+    fi
+    remote_copy "$kind" "$since" | $unpack | python3 "$TOOL" apply "${undo[@]}" "$mirror"
     log "$kind pass done in $((SECONDS - started)) s; mirror at era $(mirror_era)"
+    if [ "$KEEP_UNDO" -gt 0 ]; then
+        undo_files | head -n "-$KEEP_UNDO" | while IFS= read -r old; do rm -f -- "$old"; done
+    fi
 }
 
 # One run at a time per mirror.
@@ -207,6 +226,15 @@ on_exit() {
     [ "$rc" = 0 ] || log "failed (exit $rc): $mirror stays at era $(mirror_era 2>/dev/null || echo '?')"
 }
 trap on_exit EXIT
+
+# A pass killed with the backup host (power, OOM) leaves its undo file without a trailer: finish its rollback,
+# so the mirror is whole again before anything else.
+last_undo=$(undo_files | tail -n 1)
+if [ -n "$last_undo" ] && ! python3 "$TOOL" info -i "$last_undo" >/dev/null 2>&1; then
+    log "the last pass did not finish: rolling $mirror back with $last_undo"
+    python3 "$TOOL" rollback "$last_undo" "$mirror"
+    rm -f -- "$last_undo"
+fi
 
 era=$(mirror_era)
 if [ -z "$era" ]; then
