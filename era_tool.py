@@ -18,8 +18,12 @@ Usage examples::
         | ssh backup python3 era_tool.py apply /backup/root.img
     # the first, full copy
     python3 era_tool.py copy --full 1024 /dev/mapper/root_era > full.era
-    # check a stream without writing anything
+    # check a stream without writing anything; show a mirror's era
     python3 era_tool.py info -i full.era
+    python3 era_tool.py info /backup/root.img
+    # all-or-nothing apply, and the way back
+    python3 era_tool.py apply --undo /backup/root.img.undo.1 /backup/root.img < delta.era
+    python3 era_tool.py rollback /backup/root.img.undo.1 /backup/root.img
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error,
 130 interrupted.
@@ -28,7 +32,8 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
 
     header   magic        8  89 45 52 41 0d 0a 1a 0a  ("\\x89ERA\\r\\n\\x1a\\n")
              version      2  1
-             flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy
+             flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy,
+                             bit 3 undo file (old content an apply overwrote)
              device_size  8  bytes of the source device
              total_bytes  8  bytes covered by all chunks (data + zero)
              block_size   4  dm-era block size, 512-byte sectors
