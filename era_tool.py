@@ -92,7 +92,9 @@ DIRECT_ALIGN = 4096               # O_DIRECT buffer, offset and length alignment
 CHUNK_SIZE = 4 << 20              # payload of one chunk written by copy
 MAX_CHUNK_SIZE = 64 << 20         # largest chunk apply accepts (memory bound)
 MAX_SOURCE_ID = 1024              # bytes of source id in a header
-MAX_BLOCK = 1 << 32               # dm-era counts blocks in 32 bits
+MAX_BLOCK = (1 << 32) - 1         # dm-era counts blocks (nr_blocks) in 32 bits
+# Block numbers fit 32 bits: half the memory of 64-bit arrays for huge lists.
+BLOCK_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
@@ -169,13 +171,13 @@ class ChainError(EraError):
 class RangeList:
     """Sorted, merged, non-overlapping [begin, end) ranges of era blocks.
 
-    Kept in two arrays rather than a list of tuples: a worst-case list has
-    close to a million entries.
+    Kept in two arrays of 32-bit numbers rather than a list of tuples: a
+    worst-case list has close to a million entries.
     """
 
     def __init__(self):
-        self.begins = array.array("Q")
-        self.ends = array.array("Q")
+        self.begins = array.array(BLOCK_TYPECODE)
+        self.ends = array.array(BLOCK_TYPECODE)
 
     def __len__(self):
         return len(self.begins)
@@ -191,9 +193,7 @@ class RangeList:
     def from_unsorted(cls, begins, ends):
         """Sort by begin and merge adjacent and overlapping ranges."""
         result = cls()
-        ordered = all(begins[i] <= begins[i + 1] for i in range(len(begins) - 1))
-        pairs = zip(begins, ends) if ordered else sorted(zip(begins, ends))
-        for begin, end in pairs:
+        for begin, end in sorted(zip(begins, ends)):
             if result.ends and begin <= result.ends[-1]:
                 if end > result.ends[-1]:
                     result.ends[-1] = end
@@ -207,15 +207,98 @@ class _BlockListTarget:
     """xml.etree parser target: checks each element as it arrives.
 
     Nothing is built in memory but the two arrays of numbers, so a list of a
-    million elements costs a few megabytes.
+    million elements costs a few megabytes.  era_invalidate lists ranges in
+    order, so they are merged as they come; out-of-order input is sorted at
+    the end.
     """
 
     def __init__(self):
-        self.begins = array.array("Q")
-        self.ends = array.array("Q")
-        self.depth = 0
+        self.ranges = RangeList()
+        self.ordered = True
         self.seen_root = False
         self.closed_root = False
+        self.start, self.end = self._handlers()
+
+    def _handlers(self):
+        """start() and end(), as closures over local variables.
+
+        They run once per element, close to a million times for a worst-case
+        list: locals are much faster than attributes.  The fast path takes
+        the exact spellings era_invalidate writes; anything else goes through
+        _checked(), which explains what is wrong.
+        """
+        begins = self.ranges.begins
+        ends = self.ranges.ends
+        depth = 0
+        last_end = -1
+
+        def start(tag, attrib):
+            nonlocal depth, last_end
+            depth += 1
+            begin = end = None
+            if depth == 2:
+                if tag == "block" and len(attrib) == 1:
+                    text = attrib.get("block")
+                    if text is not None and text.isdigit() and text.isascii():
+                        begin = int(text)
+                        end = begin + 1
+                elif tag == "range" and len(attrib) == 2:
+                    first = attrib.get("begin")
+                    last = attrib.get("end")
+                    if first is not None and last is not None and first.isdigit() and \
+                            last.isdigit() and first.isascii() and last.isascii():
+                        begin = int(first)
+                        end = int(last)
+            if begin is None or end <= begin or end > MAX_BLOCK:
+                begin, end = self._checked(depth, tag, attrib)
+                if begin is None:
+                    return
+            if begin > last_end:
+                begins.append(begin)
+                ends.append(end)
+                last_end = end
+            elif begin >= begins[-1]:
+                # Adjacent or overlapping, still in order: extend the last range.
+                if end > last_end:
+                    ends[-1] = end
+                    last_end = end
+            else:
+                begins.append(begin)
+                ends.append(end)
+                self.ordered = False
+
+        def end(tag):
+            nonlocal depth
+            depth -= 1
+            if depth == 0:
+                self.closed_root = True
+
+        return start, end
+
+    def _checked(self, depth, tag, attrib):
+        """Check an element the slow way; return its (begin, end), or Nones for the root."""
+        if depth == 1:
+            if tag != "blocks" or attrib:
+                raise BlockListError("block list root must be <blocks>, not %s"
+                                     % _describe(tag, attrib))
+            self.seen_root = True
+            return None, None
+        if depth == 2 and tag == "block" and set(attrib) == {"block"}:
+            begin = _block_number(tag, attrib, "block")
+            end = begin + 1
+        elif depth == 2 and tag == "range" and set(attrib) == {"begin", "end"}:
+            begin = _block_number(tag, attrib, "begin")
+            end = _block_number(tag, attrib, "end")
+            if end <= begin:
+                raise BlockListError("%s: end must be greater than begin"
+                                     % _describe(tag, attrib))
+        else:
+            raise BlockListError("unexpected element %s in block list"
+                                 % _describe(tag, attrib))
+        if end > MAX_BLOCK:
+            raise BlockListError("%s: block %d is out of range (dm-era counts blocks in "
+                                 "32 bits)" % (_describe(tag, attrib), end - 1))
+        return begin, end
 
     def doctype(self, name, pubid, system):
         # A DOCTYPE is the door to entity tricks; era_invalidate never writes one.
@@ -228,44 +311,13 @@ class _BlockListTarget:
         pass
 
     def data(self, text):
-        if text.strip():
+        if not text.isspace():
             raise BlockListError("block list has unexpected text %r" % text.strip()[:40])
 
-    def start(self, tag, attrib):
-        self.depth += 1
-        if self.depth == 1:
-            if tag != "blocks" or attrib:
-                raise BlockListError("block list root must be <blocks>, not %s"
-                                     % _describe(tag, attrib))
-            self.seen_root = True
-        elif self.depth == 2 and tag == "block" and set(attrib) == {"block"}:
-            begin = _block_number(tag, attrib, "block")
-            self._add(begin, begin + 1)
-        elif self.depth == 2 and tag == "range" and set(attrib) == {"begin", "end"}:
-            begin = _block_number(tag, attrib, "begin")
-            end = _block_number(tag, attrib, "end")
-            if end <= begin:
-                raise BlockListError("%s: end must be greater than begin"
-                                     % _describe(tag, attrib))
-            self._add(begin, end)
-        else:
-            raise BlockListError("unexpected element %s in block list"
-                                 % _describe(tag, attrib))
-
-    def _add(self, begin, end):
-        if end > MAX_BLOCK:
-            raise BlockListError("block %d is out of range (dm-era counts blocks in 32 bits)"
-                                 % (end - 1))
-        self.begins.append(begin)
-        self.ends.append(end)
-
-    def end(self, tag):
-        self.depth -= 1
-        if self.depth == 0:
-            self.closed_root = True
-
     def close(self):
-        return None
+        if self.ordered:
+            return self.ranges
+        return RangeList.from_unsorted(self.ranges.begins, self.ranges.ends)
 
 
 def _describe(tag, attrib):
@@ -303,13 +355,12 @@ def parse_block_list(stream):
         if not target.closed_root:
             raise BlockListError("block list ends before </blocks> "
                                  "(did era_invalidate fail?)")
-        parser.close()
+        return parser.close()
     except ElementTree.ParseError as exc:
         if not target.seen_root and str(exc).startswith("no element found"):
             raise BlockListError("block list is empty: no <blocks> element "
                                  "(did era_invalidate fail?)") from None
         raise BlockListError("block list is not valid XML: %s" % exc) from None
-    return RangeList.from_unsorted(target.begins, target.ends)
 
 
 def byte_ranges(ranges, block_bytes, device_size=None):
