@@ -21,10 +21,13 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 
 import pytest
 
 import era_tool
+from era_tool import (ARRAY_CSUM_XOR, BTREE_CSUM_XOR, META_BLOCK_SIZE, MetadataError,
+                      SUPERBLOCK_CSUM_XOR)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(HERE, "era_tool.py")
@@ -244,11 +247,10 @@ class TestEstimate:
         assert result.returncode == 0
         assert result.stdout.split()[0] == str(2 * 1024 * 512).encode()
 
-    def test_json_with_device_is_refused(self, tmp_path, capsys):
+    def test_json_with_device_is_usage_error(self, tmp_path):
         xml = write(tmp_path / "l.xml", blocks_xml([(0, 1)]))
-        code, _, err = run_main(["copy", "--json", "-i", xml, "8", xml], capsys)
-        assert code == 1
-        assert_one_line_error(err, "--json")
+        result = run_cli(["copy", "--json", "-i", xml, "8", xml])
+        assert result.returncode == 2 and b"--json" in result.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -462,10 +464,19 @@ class TestCopy:
         assert code == 1
         assert "era_tool: error:" in err and "Traceback" not in err
 
-    def test_full_needs_device(self, capsys):
-        code, _, err = run_main(["copy", "--full", "8"], capsys)
-        assert code == 1
-        assert_one_line_error(err, "--full")
+    @pytest.mark.parametrize("args,message", [
+        (["--full", "8"], "--full copies a device"),
+        (["--full", "-i", "x", "8", "dev"], "drop -i"),
+        ([], "copy needs BLOCK_SIZE"),
+        (["--since", "3", "8"], "go with --metadata"),
+        (["--metadata", "m", "8"], "needs --since"),
+        (["--metadata", "m", "--since", "1", "--full", "d"], "no --full"),
+        (["--metadata", "m", "--since", "5", "--era", "3"], "later than --era 3"),
+    ])
+    def test_option_conflicts_are_usage_errors(self, args, message):
+        result = run_cli(["copy"] + args)
+        assert result.returncode == 2
+        assert message.encode() in result.stderr
 
     def test_refuses_terminal(self, tmp_path):
         source = write(tmp_path / "dev", random_bytes(2 * BLOCK, 14))
@@ -1628,21 +1639,6 @@ needs_era_tools = pytest.mark.skipif(
     reason="thin-provisioning-tools (era_restore, era_invalidate) is not installed")
 
 
-def era_metadata_xml(nr_blocks, current_era, era_array, writesets, block_size=BLOCK_SECTORS):
-    """era_dump-style XML for era_restore."""
-    lines = ['<superblock uuid="" block_size="%d" nr_blocks="%d" current_era="%d">'
-             % (block_size, nr_blocks, current_era)]
-    for era, bits in sorted(writesets.items()):
-        lines.append('  <writeset era="%d" nr_bits="%d">' % (era, nr_blocks))
-        lines.extend('    <bit block="%d" value="true"/>' % bit for bit in sorted(bits))
-        lines.append("  </writeset>")
-    lines.append("  <era_array>")
-    lines.extend('    <era block="%d" era="%d"/>' % item for item in sorted(era_array.items()))
-    lines.append("  </era_array>")
-    lines.append("</superblock>")
-    return "\n".join(lines) + "\n"
-
-
 @needs_era_tools
 class TestRealEraInvalidate:
     def make_metadata(self, tmp_path, nr_blocks, seed):
@@ -1650,8 +1646,9 @@ class TestRealEraInvalidate:
         era_array = {block: rng.randrange(1, 20) for block in range(nr_blocks)
                      if rng.random() < 0.3}
         writesets = {era: {rng.randrange(nr_blocks) for _ in range(5)} for era in (20, 21)}
-        xml = write(tmp_path / "meta.xml",
-                    era_metadata_xml(nr_blocks, 22, era_array, writesets).encode())
+        xml = write(tmp_path / "meta.xml", era_xml(
+            nr_blocks, 22, [(era, nr_blocks, bits) for era, bits in sorted(writesets.items())],
+            sorted(era_array.items()), block_size=BLOCK_SECTORS).encode())
         meta = tmp_path / "meta.bin"
         with open(meta, "wb") as f:
             f.truncate(8 << 20)
@@ -1706,3 +1703,888 @@ class TestRealEraInvalidate:
         assert result.returncode == 1
         assert b"block list is empty" in result.stderr
         assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------
+# dm-era metadata read directly (blocks --metadata, copy --metadata)
+# ---------------------------------------------------------------------------
+#
+# Metadata comes from two places: era_restore (thin-provisioning-tools, as
+# Debian ships it), whose results are compared with era_invalidate's output
+# byte for byte; and MetaBuilder below, which lays out blocks the way the
+# kernel does, for what era_restore cannot make: a metadata snapshot, a
+# current writeset, damage that still has good checksums, cycles.
+
+HAVE_ERA_TOOLS = bool(shutil.which("era_restore") and shutil.which("era_invalidate"))
+
+
+def meta_xml(ranges):
+    return "".join(era_tool.iter_blocks_xml(ranges))
+
+
+METADATA_SIZE = 8 << 20
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+class Hang(Exception):
+    """Not an OSError, so that no error handling in the reader can swallow it."""
+
+
+@contextmanager
+def time_limit(seconds):
+    """Fail instead of hanging: SIGALRM raises in the main thread."""
+    def expired(signum, frame):
+        raise Hang("took more than %s s" % seconds)
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def reference_crc32c(data):
+    """Bit at a time, straight from the definition: slow and obviously right."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def era_xml(nr_blocks, current_era, writesets=(), eras=(), block_size=128):
+    """era_dump-style XML; writesets: (era, nr_bits, bits); eras: (block, era)."""
+    lines = ['<superblock uuid="" block_size="%d" nr_blocks="%d" current_era="%d">'
+             % (block_size, nr_blocks, current_era)]
+    for era, nr_bits, bits in writesets:
+        lines.append('  <writeset era="%d" nr_bits="%d">' % (era, nr_bits))
+        lines.extend('    <bit block="%d" value="true"/>' % b for b in sorted(bits))
+        lines.append("  </writeset>")
+    lines.append("  <era_array>")
+    lines.extend('    <era block="%d" era="%d"/>' % (b, e) for b, e in sorted(eras))
+    lines.append("  </era_array>")
+    lines.append("</superblock>")
+    return "\n".join(lines) + "\n"
+
+
+def restore(tmp_path, text, name="meta", size=METADATA_SIZE):
+    xml = tmp_path / (name + ".xml")
+    xml.write_text(text)
+    out = tmp_path / (name + ".bin")
+    with open(out, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["era_restore", "-i", str(xml), "-o", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(out)
+
+
+def invalidate(path, since_era):
+    return subprocess.run(["era_invalidate", "--written-since", str(since_era), path],
+                          check=True, stdout=subprocess.PIPE, universal_newlines=True).stdout
+
+
+def ours(path, since_era, snapshot=False, **kwargs):
+    return meta_xml(era_tool.read_changed_blocks(path, since_era, snapshot,
+                                                            **kwargs))
+
+
+def ranges_of(blocks):
+    """Sorted, merged [begin, end) runs of a set of block numbers."""
+    runs = []
+    for b in sorted(blocks):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return [tuple(r) for r in runs]
+
+
+def expected_blocks(nr_blocks, since_era, writesets, eras):
+    """The definition: era array entries >= since_era, and newer writesets' bits."""
+    table = dict(eras)
+    changed = {b for b in range(nr_blocks) if table.get(b, 0) >= since_era}
+    for era, _nr_bits, bits in writesets:
+        if era >= since_era:
+            changed.update(b for b in bits if b < nr_blocks)
+    return changed
+
+
+def read_block(path, blocknr):
+    with open(path, "rb") as f:
+        f.seek(blocknr * META_BLOCK_SIZE)
+        return bytearray(f.read(META_BLOCK_SIZE))
+
+
+def write_block(path, blocknr, data):
+    assert len(data) == META_BLOCK_SIZE
+    with open(path, "r+b") as f:
+        f.seek(blocknr * META_BLOCK_SIZE)
+        f.write(data)
+
+
+def seal(data, blocknr, seed):
+    """Set a block's location field and checksum, as the kernel does on write."""
+    data = bytearray(data)
+    struct.pack_into("<Q", data, 16 if seed == ARRAY_CSUM_XOR else 8, blocknr)
+    struct.pack_into("<I", data, 0, era_tool.block_checksum(data, seed))
+    return data
+
+
+def kind_of(data):
+    """The checksum seed a block was written with, or None."""
+    stored = struct.unpack_from("<I", data)[0]
+    seed = stored ^ era_tool.block_checksum(data, 0)
+    return seed if seed in era_tool.BLOCK_KINDS else None
+
+
+def blocks_by_kind(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    kinds = {}
+    for n in range(len(data) // META_BLOCK_SIZE):
+        block = data[n * META_BLOCK_SIZE:(n + 1) * META_BLOCK_SIZE]
+        if any(block):
+            kinds.setdefault(kind_of(block), []).append(n)
+    return kinds
+
+
+def first_free_block(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    last = max(n for n in range(len(data) // META_BLOCK_SIZE)
+               if any(data[n * META_BLOCK_SIZE:(n + 1) * META_BLOCK_SIZE]))
+    return last + 1
+
+
+SB_FIELDS = ("csum", "flags", "blocknr", "uuid", "magic", "version", "sm_root",
+             "data_block_size", "metadata_block_size", "nr_blocks", "current_era",
+             "current_writeset_bits", "current_writeset_root", "writeset_tree_root",
+             "era_array_root", "metadata_snap")
+
+
+def superblock_fields(path, location=0):
+    return dict(zip(SB_FIELDS, era_tool.SUPERBLOCK.unpack_from(read_block(path, location))))
+
+
+def write_superblock(path, location, fields):
+    data = bytearray(META_BLOCK_SIZE)
+    era_tool.SUPERBLOCK.pack_into(data, 0, *(fields[name] for name in SB_FIELDS))
+    write_block(path, location, seal(data, location, SUPERBLOCK_CSUM_XOR))
+
+
+def patch_superblock(path, location=0, **changes):
+    fields = superblock_fields(path, location)
+    fields.update(changes)
+    write_superblock(path, location, fields)
+
+
+def take_snapshot(path, at):
+    """What take_metadata_snap leaves: a copy of block 0 at `at`, pointed to by it."""
+    fields = superblock_fields(path)
+    write_superblock(path, at, fields)
+    patch_superblock(path, metadata_snap=at)
+
+
+class MetaBuilder:
+    """Lays out dm-era metadata blocks in a file as the kernel does.
+
+    Blocks are taken from `first` upwards.  Btrees get the kernel's
+    max_entries; values are bytes of value_size each.  fanout: fill btree
+    nodes with that many entries only, for internal nodes in small trees.
+    """
+
+    def __init__(self, path, first=1, size=METADATA_SIZE, fanout=None):
+        self.path = str(path)
+        self.next = first
+        self.fanout = fanout
+        if not os.path.exists(self.path):
+            with open(self.path, "wb") as f:
+                f.truncate(size)
+
+    def alloc(self):
+        self.next += 1
+        return self.next - 1
+
+    def put(self, data, seed, blocknr=None):
+        blocknr = self.alloc() if blocknr is None else blocknr
+        write_block(self.path, blocknr, seal(data, blocknr, seed))
+        return blocknr
+
+    @staticmethod
+    def max_entries(value_size):
+        return (META_BLOCK_SIZE - 32) // (8 + value_size) // 3 * 3
+
+    def node(self, flags, keys, values, value_size, blocknr=None, max_entries=None):
+        max_entries = max_entries or self.max_entries(value_size)
+        data = bytearray(META_BLOCK_SIZE)
+        era_tool.NODE_HEADER.pack_into(data, 0, 0, flags, 0, len(keys), max_entries,
+                                       value_size, 0)
+        for i, key in enumerate(keys):
+            assert len(values[i]) == value_size
+            struct.pack_into("<Q", data, 32 + 8 * i, key)
+            start = 32 + 8 * max_entries + value_size * i
+            data[start:start + value_size] = values[i]
+        return self.put(data, BTREE_CSUM_XOR, blocknr)
+
+    def btree(self, items, value_size):
+        """A btree of (key, value) items, leaves full up to max_entries."""
+        items = sorted(items)
+        per_leaf = self.fanout or self.max_entries(value_size)
+        level = []
+        for i in range(0, max(len(items), 1), per_leaf):
+            chunk = items[i:i + per_leaf]
+            level.append((chunk[0][0] if chunk else 0,
+                          self.node(2, [k for k, _ in chunk], [v for _, v in chunk],
+                                    value_size)))
+        per_node = self.fanout or self.max_entries(8)
+        while len(level) > 1:
+            upper = []
+            for i in range(0, len(level), per_node):
+                chunk = level[i:i + per_node]
+                upper.append((chunk[0][0], self.node(
+                    1, [k for k, _ in chunk], [struct.pack("<Q", b) for _, b in chunk], 8)))
+            level = upper
+        return level[0][1]
+
+    def array(self, values, value_size):
+        per_block = (META_BLOCK_SIZE - 24) // value_size
+        items = []
+        for index, start in enumerate(range(0, len(values), per_block)):
+            chunk = values[start:start + per_block]
+            data = bytearray(META_BLOCK_SIZE)
+            era_tool.ARRAY_HEADER.pack_into(data, 0, 0, per_block, len(chunk), value_size, 0)
+            data[24:24 + len(chunk) * value_size] = b"".join(chunk)
+            items.append((index, struct.pack("<Q", self.put(data, ARRAY_CSUM_XOR))))
+        return self.btree(items, 8)
+
+    def era_array(self, nr_blocks, eras):
+        table = [0] * nr_blocks
+        for block, era in dict(eras).items():
+            table[block] = era
+        return self.array([struct.pack("<I", e) for e in table], 4)
+
+    def bitset(self, nr_bits, bits):
+        words = [0] * (-(-nr_bits // 64))
+        for b in bits:
+            words[b // 64] |= 1 << (b % 64)
+        return self.array([struct.pack("<Q", w) for w in words], 8)
+
+    def writeset_tree(self, writesets):
+        items = [(era, struct.pack("<IQ", nr_bits, self.bitset(nr_bits, bits)))
+                 for era, nr_bits, bits in writesets]
+        return self.btree(items, 12)
+
+    def superblock(self, nr_blocks, current_era, writeset_tree_root, era_array_root,
+                   location=0, current=(0, 0), metadata_snap=0, block_size=128):
+        size_blocks = os.path.getsize(self.path) // META_BLOCK_SIZE
+        fields = dict(
+            csum=0, flags=0, blocknr=0, uuid=bytes(16), magic=era_tool.SUPERBLOCK_MAGIC,
+            version=1, sm_root=era_tool.SPACE_MAP_ROOT.pack(size_blocks, self.next)
+            + bytes(112), data_block_size=block_size, metadata_block_size=8,
+            nr_blocks=nr_blocks, current_era=current_era, current_writeset_bits=current[0],
+            current_writeset_root=current[1], writeset_tree_root=writeset_tree_root,
+            era_array_root=era_array_root, metadata_snap=metadata_snap)
+        write_superblock(self.path, location, fields)
+
+
+def build(tmp_path, nr_blocks, current_era, writesets=(), eras=(), name="built.bin",
+          current=None, fanout=None):
+    """Whole metadata from MetaBuilder; current: (nr_bits, bits) of the current writeset."""
+    builder = MetaBuilder(tmp_path / name, fanout=fanout)
+    era_root = builder.era_array(nr_blocks, eras)
+    tree_root = builder.writeset_tree(writesets)
+    current_ws = (0, 0)
+    if current is not None:
+        current_ws = (current[0], builder.bitset(*current))
+    builder.superblock(nr_blocks, current_era, tree_root, era_root, current=current_ws)
+    return builder.path
+
+
+def expect_error(path, pattern, since_era=0, snapshot=False):
+    with time_limit(10):
+        with pytest.raises(MetadataError) as info:
+            era_tool.read_changed_blocks(path, since_era, snapshot)
+    assert pattern in str(info.value), str(info.value)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# CRC-32C and the block checksum
+# ---------------------------------------------------------------------------
+
+
+def test_crc32c_check_value():
+    assert era_tool.crc32c(b"123456789") == 0xE3069283
+    assert era_tool.crc32c(b"") == 0
+
+
+def test_crc32c_matches_definition_at_every_length_and_split():
+    rnd = random.Random(1)
+    for length in list(range(0, 40)) + [4092, 4093]:
+        data = bytes(rnd.getrandbits(8) for _ in range(length))
+        want = reference_crc32c(data)
+        assert era_tool.crc32c(data) == want
+        assert era_tool.crc32c(bytearray(data)) == want
+        assert era_tool.crc32c(memoryview(data)) == want
+        cut = rnd.randrange(length + 1)
+        assert era_tool.crc32c(data[cut:], era_tool.crc32c(data[:cut])) == want
+
+
+@needs_era_tools
+def test_checksums_of_era_restore_blocks(tmp_path):
+    # Every superblock, btree node and array block era_restore wrote checks
+    # out with its seed: the formula (no final inversion, xor seed) is right.
+    path = restore(tmp_path, era_xml(3000, 9, [(4, 3000, {1, 2999})], [(5, 3)]))
+    kinds = blocks_by_kind(path)
+    assert kinds[SUPERBLOCK_CSUM_XOR] == [0]
+    assert len(kinds[BTREE_CSUM_XOR]) >= 3
+    assert len(kinds[ARRAY_CSUM_XOR]) >= 4
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def test_blocks_xml_format():
+    assert meta_xml([]) == "<blocks>\n</blocks>\n"
+    assert meta_xml([(3, 4), (6, 10)]) == (
+        '<blocks>\n  <block block="3"/>\n  <range begin="6" end = "10"/>\n</blocks>\n')
+
+
+def test_result_object(tmp_path):
+    path = build(tmp_path, 100, 7, [(5, 100, {1, 2, 3, 50})], [(10, 6), (11, 2)])
+    result = era_tool.read_changed_blocks(path, 5, snapshot=False)
+    assert (result.block_size, result.nr_blocks, result.current_era) == (128, 100, 7)
+    assert result.snapshot_block == 0
+    assert list(result) == [(1, 4), (10, 11), (50, 51)]
+    assert isinstance(result, era_tool.RangeList)
+    assert (len(result), result.blocks) == (3, 5)
+
+
+def test_since_era_must_be_an_era(tmp_path):
+    path = build(tmp_path, 10, 3)
+    for bad in (-1, 1 << 32, "3", 2.0):
+        with pytest.raises(ValueError):
+            era_tool.read_changed_blocks(path, bad, snapshot=False)
+
+
+# ---------------------------------------------------------------------------
+# Same answers as era_invalidate
+# ---------------------------------------------------------------------------
+
+SHAPES = {
+    "empty device": (0, 0, [], []),
+    "one block, era 0": (1, 0, [], []),
+    "one block written": (1, 3, [(2, 1, {0})], [(0, 1)]),
+    "no writesets": (5000, 9, [], [(b, b % 9) for b in range(0, 5000, 7)]),
+    "writesets only": (5000, 9, [(7, 5000, {0, 63, 64, 4999}), (8, 5000, set(range(100, 700)))],
+                       []),
+    "writeset of the current era": (100, 4, [(4, 100, {5})], [(6, 3)]),
+    "writeset shorter than the device": (1000, 6, [(5, 100, {1, 99})], [(900, 5)]),
+    "every block": (3000, 2, [(1, 3000, set(range(3000)))], [(b, 1) for b in range(3000)]),
+    "many writesets (internal nodes)": (
+        200, 250, [(e, 200, {e % 200, (e * 7) % 200}) for e in range(1, 240)],
+        [(b, b % 3) for b in range(200)]),
+}
+
+
+@needs_era_tools
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_matches_era_invalidate(tmp_path, shape):
+    nr_blocks, current_era, writesets, eras = SHAPES[shape]
+    path = restore(tmp_path, era_xml(nr_blocks, current_era, writesets, eras))
+    ws_eras = sorted(e for e, _, _ in writesets)
+    for since in sorted({0, 1, 2, current_era // 2, current_era, current_era + 1,
+                         current_era + 2} | set(ws_eras[:2] + ws_eras[-2:])):
+        want = invalidate(path, since)
+        assert ours(path, since) == want, since
+        assert want == meta_xml(
+            ranges_of(expected_blocks(nr_blocks, since, writesets, eras)))
+
+
+@needs_era_tools
+def test_large_device_matches_era_invalidate(tmp_path):
+    # 300,000 blocks: 295 era array blocks, so the array btree has an
+    # internal root; writesets of 300,000 bits span 10 array blocks.
+    rnd = random.Random(7)
+    nr_blocks, current_era = 300000, 30
+    writesets = [(20, nr_blocks, set(rnd.sample(range(nr_blocks), 3000))),
+                 (25, nr_blocks, set(range(1000, 70000))),
+                 (29, nr_blocks, {0, nr_blocks - 1})]
+    eras = [(b, rnd.randrange(1, 20)) for b in rnd.sample(range(nr_blocks), 60000)]
+    eras += [(b, 19) for b in range(200000, 260000)]
+    path = restore(tmp_path, era_xml(nr_blocks, current_era, writesets, eras),
+                   size=16 << 20)
+    start = time.monotonic()
+    for since in (0, 1, 15, 19, 20, 25, 29, 31):
+        assert ours(path, since) == invalidate(path, since), since
+    assert time.monotonic() - start < 10
+
+
+@needs_era_tools
+def test_writeset_longer_than_device_is_cut(tmp_path):
+    # A writeset from before the device shrank: era_invalidate 0.9 lists its
+    # blocks past the end; we stop at nr_blocks, as the Rust tools do.
+    path = restore(tmp_path, era_xml(100, 10, [(3, 200, {1, 150})], [(5, 2)]))
+    assert '<block block="150"/>' in invalidate(path, 3)
+    assert list(era_tool.read_changed_blocks(path, 3, snapshot=False)) == [(1, 2)]
+
+
+@needs_era_tools
+def test_builder_metadata_matches_era_invalidate(tmp_path):
+    # The test's own layout agrees with era_invalidate, so the tests below
+    # that use it test the reader, not the builder.
+    writesets = [(3, 3000, {0, 1, 2999}), (5, 3000, set(range(64, 700)))]
+    eras = [(b, b % 5) for b in range(0, 3000, 3)]
+    path = build(tmp_path, 3000, 6, writesets, eras)
+    for since in range(0, 8):
+        assert ours(path, since) == invalidate(path, since)
+
+
+# ---------------------------------------------------------------------------
+# Live view: the current writeset
+# ---------------------------------------------------------------------------
+
+
+def test_live_view_counts_the_current_writeset(tmp_path):
+    writesets = [(3, 500, {10})]
+    eras = [(20, 2)]
+    path = build(tmp_path, 500, 5, writesets, eras, current=(500, {7, 8, 499}))
+    assert list(era_tool.read_changed_blocks(path, 5, snapshot=False)) == [(7, 9), (499, 500)]
+    assert list(era_tool.read_changed_blocks(path, 3, snapshot=False)) == [
+        (7, 9), (10, 11), (499, 500)]
+    assert list(era_tool.read_changed_blocks(path, 6, snapshot=False)) == []
+
+
+@needs_era_tools
+def test_current_writeset_is_what_era_invalidate_leaves_out(tmp_path):
+    path = build(tmp_path, 500, 5, [(3, 500, {10})], [(20, 2)], current=(500, {7, 300}))
+    assert invalidate(path, 3) == '<blocks>\n  <block block="10"/>\n</blocks>\n'
+    assert ours(path, 3) == ('<blocks>\n  <block block="7"/>\n  <block block="10"/>\n'
+                             '  <block block="300"/>\n</blocks>\n')
+
+
+# ---------------------------------------------------------------------------
+# The metadata snapshot
+# ---------------------------------------------------------------------------
+
+
+def test_no_snapshot_held(tmp_path):
+    path = build(tmp_path, 10, 3)
+    message = expect_error(path, "no metadata snapshot is held", snapshot=True)
+    assert message == era_tool.NO_SNAPSHOT_MESSAGE
+
+
+@needs_era_tools
+def test_snapshot_roots_not_live_roots(tmp_path):
+    # era_restore writes the state at the snapshot; the test then does what
+    # take_metadata_snap does (copy block 0 elsewhere, point metadata_snap
+    # at it) and moves the live superblock on to new roots of its own.
+    snap_writesets = [(4, 2000, {1, 2, 3}), (6, 2000, {1500})]
+    snap_eras = [(b, 3) for b in range(100, 200)]
+    path = restore(tmp_path, era_xml(2000, 7, snap_writesets, snap_eras))
+    want = {since: invalidate(path, since) for since in (0, 4, 5, 7, 8)}
+    free = first_free_block(path)
+    take_snapshot(path, free)
+    builder = MetaBuilder(path, first=free + 1)
+    live_writesets = [(7, 2000, {1999}), (8, 2000, {0})]
+    tree_root = builder.writeset_tree(live_writesets)
+    era_root = builder.era_array(2000, snap_eras + [(b, 6) for b in range(1000, 1100)])
+    patch_superblock(path, current_era=9, writeset_tree_root=tree_root,
+                     era_array_root=era_root)
+    for since in (0, 4, 5, 7, 8):
+        result = era_tool.read_changed_blocks(path, since)
+        assert meta_xml(result) == want[since], since
+        assert (result.snapshot_block, result.current_era) == (free, 7)
+        # live: era_invalidate 0.9 reads the live roots even with
+        # --metadata-snapshot, so the plain call is the comparison.
+        assert ours(path, since, snapshot=False) == invalidate(path, since)
+
+
+def test_snapshot_ignores_damaged_live_roots(tmp_path):
+    path = build(tmp_path, 300, 5, [(4, 300, {9})], [(1, 2)])
+    take_snapshot(path, 1000)
+    patch_superblock(path, writeset_tree_root=1500, era_array_root=1501)  # zeroes
+    assert list(era_tool.read_changed_blocks(path, 4)) == [(9, 10)]
+    expect_error(path, "metadata block 1500 (btree node of the writeset tree, byte offset "
+                 "6144000): all zeroes, not a btree node")
+
+
+def test_snapshot_superblock_checked(tmp_path):
+    path = build(tmp_path, 300, 5)
+    take_snapshot(path, 1000)
+    data = read_block(path, 1000)
+    data[300] ^= 1
+    write_block(path, 1000, data)
+    expect_error(path, "metadata block 1000 (metadata snapshot superblock, byte offset "
+                 "4096000): bad checksum", snapshot=True)
+    patch_superblock(path, metadata_snap=5000)
+    expect_error(path, "metadata block 5000", snapshot=True)
+
+
+# ---------------------------------------------------------------------------
+# Damage: always MetadataError, with the block, never a hang
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    """Small metadata, three levels in both trees, and its block map."""
+    writesets = [(e, 3000, {e, 2 * e}) for e in range(1, 30)]
+    eras = [(b, b % 30) for b in range(0, 3000, 2)]
+    path = build(tmp_path, 3000, 40, writesets, eras, fanout=2)
+    return path, blocks_by_kind(path)
+
+
+def flip(path, blocknr, offset):
+    data = read_block(path, blocknr)
+    data[offset] ^= 0x10
+    write_block(path, blocknr, data)
+
+
+def test_flipped_byte_in_each_kind_of_block(damaged):
+    path, kinds = damaged
+    for seed, kind in ((SUPERBLOCK_CSUM_XOR, "superblock"), (BTREE_CSUM_XOR, "btree node"),
+                       (ARRAY_CSUM_XOR, "array block")):
+        for blocknr in kinds[seed][:3] + kinds[seed][-3:]:
+            offset = 300 if seed == SUPERBLOCK_CSUM_XOR else 4000
+            flip(path, blocknr, offset)
+            message = expect_error(path, "byte offset %d): bad checksum"
+                                   % (blocknr * META_BLOCK_SIZE))
+            assert message.startswith("metadata block %d (" % blocknr)
+            flip(path, blocknr, offset)
+    era_tool.read_changed_blocks(path, 0, snapshot=False)
+
+
+def test_wrong_magic(tmp_path):
+    path = build(tmp_path, 10, 3)
+    patch_superblock(path, magic=27022010)      # a thin pool's
+    expect_error(path, "metadata block 0 (superblock, byte offset 0): not dm-era metadata: "
+                 "magic 27022010, expected 2126579579")
+
+
+def test_superblock_fields_checked(tmp_path):
+    path = build(tmp_path, 10, 3)
+    for change, message in ((dict(version=2), "metadata version 2"),
+                            (dict(metadata_block_size=16), "metadata block size 16"),
+                            (dict(data_block_size=0), "data block size 0"),
+                            (dict(data_block_size=12), "data block size 12"),
+                            (dict(nr_blocks=1 << 31), "2147483648 data blocks"),
+                            (dict(blocknr=5), "written for block 5")):
+        fields = superblock_fields(path)
+        patch_superblock(path, **change)
+        if "blocknr" in change:         # seal() puts the right location back
+            data = read_block(path, 0)
+            struct.pack_into("<Q", data, 8, 5)
+            struct.pack_into("<I", data, 0, era_tool.block_checksum(data, SUPERBLOCK_CSUM_XOR))
+            write_block(path, 0, data)
+        expect_error(path, message)
+        write_superblock(path, 0, fields)
+
+
+def test_empty_zero_random_and_short_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    expect_error(str(empty), "too small for dm-era metadata")
+    zero = tmp_path / "zero"
+    zero.write_bytes(bytes(1 << 20))
+    expect_error(str(zero), "all zeroes: no dm-era metadata here")
+    noise = tmp_path / "noise"
+    noise.write_bytes(random.Random(3).getrandbits(8 << 16).to_bytes(1 << 16, "little"))
+    expect_error(str(noise), "not dm-era metadata")
+    expect_error(str(tmp_path / "missing"), "cannot open metadata device")
+    expect_error(str(tmp_path), "not a block device or a regular file")
+
+
+def test_truncated_copy(damaged):
+    path, kinds = damaged
+    with open(path, "r+b") as f:
+        f.truncate(20 * META_BLOCK_SIZE + 100)
+    message = expect_error(path, "past the end of %s (20 blocks, though its space map "
+                           "has 2048: a truncated copy?)" % path)
+    assert message.startswith("metadata block ")
+
+
+def test_root_outside_space_map(tmp_path):
+    path = build(tmp_path, 10, 3)
+    patch_superblock(path, era_array_root=1 << 40)
+    expect_error(path, "outside the metadata space map (2048 blocks)")
+
+
+def test_node_pointing_to_itself(tmp_path):
+    path = build(tmp_path, 10, 3)
+    builder = MetaBuilder(path, first=1500)
+    builder.node(1, [0], [struct.pack("<Q", 1500)], 8, blocknr=1500)
+    patch_superblock(path, writeset_tree_root=1500)
+    expect_error(path, "metadata block 1500 (btree node of the writeset tree, byte offset "
+                 "6144000): reached a second time (first as btree node of the writeset "
+                 "tree): the metadata has a cycle")
+
+
+def test_cycle_through_two_nodes_and_shared_block(tmp_path):
+    path = build(tmp_path, 10, 3)
+    builder = MetaBuilder(path, first=1500)
+    builder.node(1, [0], [struct.pack("<Q", 1501)], 8, blocknr=1500)
+    builder.node(1, [0], [struct.pack("<Q", 1500)], 8, blocknr=1501)
+    fields = superblock_fields(path)
+    patch_superblock(path, writeset_tree_root=1500)
+    expect_error(path, "metadata block 1500 (btree node of the writeset tree, byte offset "
+                 "6144000): reached a second time")
+    # the writeset tree's root used again as the era array's
+    root = fields["writeset_tree_root"]
+    patch_superblock(path, writeset_tree_root=root, era_array_root=root)
+    expect_error(path, "metadata block %d (btree node of the era array, byte offset %d): "
+                 "reached a second time (first as btree node of the writeset tree)"
+                 % (root, root * META_BLOCK_SIZE))
+
+
+def test_chain_too_deep(tmp_path):
+    path = build(tmp_path, 10, 3)
+    builder = MetaBuilder(path, first=1000)
+    for blocknr in range(1000, 1040):
+        builder.node(1, [0], [struct.pack("<Q", blocknr + 1)], 8, blocknr=blocknr)
+    patch_superblock(path, writeset_tree_root=1000)
+    expect_error(path, "btree deeper than 32 levels")
+
+
+def test_structural_damage_with_good_checksums(tmp_path):
+    path = build(tmp_path, 3000, 9, [(4, 3000, {5})], [(7, 2)])
+    builder = MetaBuilder(path, first=1500)
+    item = struct.pack("<IQ", 3000, superblock_fields(path)["writeset_tree_root"])
+    cases = [
+        # (flags, keys, values, value_size, max_entries), message
+        ((4, [1], [item], 12, None), "node flags 4: neither internal (1) nor leaf (2)"),
+        ((2, [1], [item[:8]], 8, None), "leaf node has 8-byte values, expected 12"),
+        ((2, [1], [item], 12, 300), "max_entries 300 does not fit 12-byte values"),
+        ((2, [5, 3], [item, item], 12, None), "key 3 at index 1 is out of order"),
+        ((2, [5, 5], [item, item], 12, None), "key 5 at index 1 is out of order"),
+        ((2, [20], [item], 12, None), "writeset of era 20 is newer than the current era 9"),
+        ((1, [], [], 8, None), "internal node with no entries"),
+    ]
+    for (flags, keys, values, size, max_entries), message in cases:
+        root = builder.node(flags, keys, values, size, max_entries=max_entries)
+        patch_superblock(path, writeset_tree_root=root)
+        expect_error(path, message)
+    # nr_entries above max_entries: written by hand
+    data = bytearray(META_BLOCK_SIZE)
+    era_tool.NODE_HEADER.pack_into(data, 0, 0, 2, 0, 202, 201, 12, 0)
+    patch_superblock(path, writeset_tree_root=builder.put(data, BTREE_CSUM_XOR))
+    expect_error(path, "202 entries, more than max_entries 201")
+
+
+def test_internal_key_ranges_and_leaf_depths(tmp_path):
+    path = build(tmp_path, 10, 9)
+    builder = MetaBuilder(path, first=1500)
+    value = struct.pack("<IQ", 0, 0)
+    leaf_a = builder.node(2, [1, 2], [value, value], 12)
+    leaf_b = builder.node(2, [3, 4], [value, value], 12)
+    # child keys must lie in [key i, key i + 1)
+    root = builder.node(1, [2, 3], [struct.pack("<Q", leaf_a), struct.pack("<Q", leaf_b)], 8)
+    patch_superblock(path, writeset_tree_root=root)
+    expect_error(path, "key 1 at index 0 is out of order (must be above 1 and below 3)", 9)
+    # leaves at different depths
+    leaf_c = builder.node(2, [1, 2], [value, value], 12)
+    leaf_d = builder.node(2, [3, 4], [value, value], 12)
+    middle = builder.node(1, [3], [struct.pack("<Q", leaf_d)], 8)
+    root = builder.node(1, [1, 3], [struct.pack("<Q", leaf_c), struct.pack("<Q", middle)], 8)
+    patch_superblock(path, writeset_tree_root=root)
+    expect_error(path, "leaf at depth 2, others at depth 1", 9)
+
+
+def test_array_damage_with_good_checksums(tmp_path):
+    path = build(tmp_path, 3000, 9, [], [(7, 2)])
+    fields = superblock_fields(path)
+    builder = MetaBuilder(path, first=1500)
+
+    def array_block(max_entries, nr_entries, value_size):
+        data = bytearray(META_BLOCK_SIZE)
+        era_tool.ARRAY_HEADER.pack_into(data, 0, 0, max_entries, nr_entries, value_size, 0)
+        return struct.pack("<Q", builder.put(data, ARRAY_CSUM_XOR))
+
+    def full():
+        return array_block(1018, 1018, 4)
+
+    def last():
+        return array_block(1018, 964, 4)
+
+    cases = [
+        (lambda: [(0, full()), (1, full()), (3, last())],
+         "array block 2 is missing (next key is 3)"),
+        (lambda: [(0, full()), (1, full()), (2, last()), (3, last())],
+         "more array blocks than 3000 entries need (3)"),
+        (lambda: [(0, full()), (1, full())], "2 array blocks, expected 3 for 3000 entries"),
+        (lambda: [(0, full()), (1, full()), (2, full())], "1018 entries, expected 964"),
+        (lambda: [(0, array_block(509, 509, 8))], "8-byte values, expected 4"),
+        (lambda: [(0, array_block(1000, 1000, 4))], "max_entries 1000, expected 1018"),
+        (lambda: [(0, struct.pack("<Q", builder.node(2, [], [], 12)))],
+         "bad checksum: it is a btree node, not an array block"),
+    ]
+    for make_items, message in cases:
+        items = make_items()
+        patch_superblock(path, era_array_root=builder.btree(items, 8))
+        expect_error(path, message)
+    patch_superblock(path, era_array_root=fields["era_array_root"], nr_blocks=2000)
+    expect_error(path, "entries, expected")
+    patch_superblock(path, nr_blocks=3000, current_era=1)
+    expect_error(path, "data block 7 has era 2, newer than the current era 1")
+
+
+def test_misplaced_block(tmp_path):
+    path = build(tmp_path, 10, 3)
+    root = superblock_fields(path)["era_array_root"]
+    write_block(path, 1700, read_block(path, root))   # a good node, moved
+    patch_superblock(path, era_array_root=1700)
+    expect_error(path, "metadata block 1700 (btree node of the era array, byte offset "
+                 "6963200): written for block %d: misplaced" % root)
+
+
+def test_random_damage_with_fixed_checksums(damaged):
+    # Change random bytes of used blocks and reseal them, so that the
+    # structural checks, not the checksums, must catch the damage: the
+    # reader either answers or raises MetadataError, in bounded time.
+    path, kinds = damaged
+    used = [(blocknr, seed) for seed in (SUPERBLOCK_CSUM_XOR, BTREE_CSUM_XOR, ARRAY_CSUM_XOR)
+            for blocknr in kinds[seed]]
+    rnd = random.Random(11)
+    outcomes = {"answer": 0, "error": 0}
+    for _ in range(150):
+        blocknr, seed = rnd.choice(used)
+        original = read_block(path, blocknr)
+        data = bytearray(original)
+        # mostly headers and the first keys and values, where damage matters
+        limit = 224 if seed == SUPERBLOCK_CSUM_XOR else rnd.choice((32, 48, 2100, 4096))
+        for _ in range(rnd.randint(1, 3)):
+            offset = rnd.randrange(4, limit)
+            data[offset] = rnd.choice((0, 1, 0xFF, rnd.getrandbits(8), data[offset] ^ 1))
+        write_block(path, blocknr, seal(data, blocknr, seed))
+        try:
+            with time_limit(10):
+                era_tool.read_changed_blocks(path, rnd.choice((0, 0, 15)), snapshot=False)
+            outcomes["answer"] += 1
+        except MetadataError as exc:
+            assert str(exc).startswith("metadata block "), str(exc)
+            outcomes["error"] += 1
+        write_block(path, blocknr, original)
+    assert outcomes["error"] > 30 and outcomes["answer"] > 10, outcomes
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+def test_direct_reads_give_the_same_answer(tmp_path):
+    path = build(tmp_path, 5000, 9, [(4, 5000, {5, 4000})], [(b, 6) for b in range(100)])
+    buffered = era_tool.read_changed_blocks(path, 4, snapshot=False, direct=False)
+    direct = era_tool.read_changed_blocks(path, 4, snapshot=False, direct=True)
+    assert list(direct) == list(buffered) == [(0, 100), (4000, 4001)]
+
+
+@contextmanager
+def metadata_loop_device(path):
+    """Attach a file to a loop device (root only); skip where that is not possible."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    attach = subprocess.run(["losetup", "--find", "--show", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    if attach.returncode != 0:
+        pytest.skip("no loop device: %s" % attach.stderr.strip())
+    device = attach.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def test_block_device_reads_are_not_stale(tmp_path):
+    # While a block device is held open (dm-era holds its metadata device),
+    # its page cache is not dropped, and writes that bypass it (the kernel's,
+    # here the loop file's) leave stale pages.  Both O_DIRECT and the
+    # buffered path with fadvise(DONTNEED) must see the new data.
+    path = build(tmp_path, 100, 5, [(4, 100, {3})])
+    with metadata_loop_device(path) as device:
+        holder = os.open(device, os.O_RDONLY)
+        try:
+            with open(device, "rb") as f:
+                f.read(META_BLOCK_SIZE)                  # cache the old block 0
+            for era, direct in ((6, False), (7, True), (8, None)):
+                patch_superblock(path, current_era=era)
+                os.sync()
+                result = era_tool.read_changed_blocks(device, 4, snapshot=False,
+                                                      direct=direct)
+                assert (result.current_era, list(result)) == (era, [(3, 4)])
+        finally:
+            os.close(holder)
+
+
+class TestMetadataCommands:
+    """blocks --metadata and copy --metadata, through the command line."""
+
+    def test_blocks_prints_what_era_invalidate_prints(self, tmp_path, capsys):
+        if not HAVE_ERA_TOOLS:
+            pytest.skip("thin-provisioning-tools is not installed")
+        path = restore(tmp_path, era_xml(300, 12, [(10, 300, {7, 8, 200}), (11, 300, {9})],
+                                         [(b, b % 13) for b in range(0, 300, 3)]))
+        for since in (0, 5, 10, 11, 12, 13):
+            code, out, err = run_main(["blocks", "--live", "--metadata", path,
+                                       "--since", str(since)], capsys)
+            assert code == 0 and err == ""
+            assert out == invalidate(path, since), since
+
+    def test_blocks_needs_a_snapshot(self, tmp_path, capsys):
+        path = build(tmp_path, 100, 7, [(5, 100, {1, 2})], [(10, 6)])
+        code, out, err = run_main(["blocks", "--metadata", path, "--since", "1"], capsys)
+        assert code == 1 and out == ""
+        assert_one_line_error(err, "no metadata snapshot is held", "take_metadata_snap")
+
+    def test_damaged_metadata_is_one_line(self, tmp_path, capsys):
+        path = build(tmp_path, 100, 7, [(5, 100, {1, 2})], [(10, 6)])
+        data = bytearray(read(path))
+        data[META_BLOCK_SIZE + 100] ^= 0x40
+        write(path, bytes(data))
+        code, out, err = run_main(["blocks", "--live", "--metadata", path, "--since", "1"],
+                                  capsys)
+        assert code == 1 and out == ""
+        assert_one_line_error(err, "metadata block")
+
+    def test_copy_from_metadata(self, tmp_path, capsys):
+        # Block size, the list and the eras all come from the metadata.
+        path = build(tmp_path, 64, 9, [(8, 64, {3, 40})], [(10, 9), (11, 2)])
+        old = random_bytes(64 * 65536, 90)
+        new = bytearray(old)
+        for block in (3, 10, 20, 40):     # 20 changed too, but the metadata does not say so
+            new[block * 65536:(block + 1) * 65536] = random_bytes(65536, 91 + block)
+        new = bytes(new)
+        source = write(tmp_path / "dev", new)
+        mirror = write(tmp_path / "m", old)
+        code, out, _ = run_main(["copy", "--json", "--live", "--metadata", path, "--since",
+                                 "8"], capsys)
+        assert code == 0 and json.loads(out) == {"bytes": 3 * 65536, "ranges": 3, "blocks": 3}
+        stream = str(tmp_path / "s")
+        assert era_tool.main(["copy", "--live", "--metadata", path, "--since", "8", "-o",
+                              stream, source]) == 0
+        code, out, _ = run_main(["info", "--json", "-i", stream], capsys)
+        info = json.loads(out)
+        assert (info["block_size"], info["since_era"], info["era"]) == (128, 8, 9)
+        assert era_tool.main(["apply", "-i", stream, mirror]) == 0
+        result = read(mirror)
+        for block in range(64):
+            start, stop = block * 65536, (block + 1) * 65536
+            want = new if block in (3, 10, 40) else old
+            assert result[start:stop] == want[start:stop], block
+
+    def test_copy_block_size_must_match(self, tmp_path, capsys):
+        path = build(tmp_path, 64, 9, [(8, 64, {3})], [])
+        source = write(tmp_path / "dev", bytes(64 * 65536))
+        code, _, err = run_main(["copy", "--live", "--metadata", path, "--since", "8",
+                                 "-o", str(tmp_path / "s"), "1024", source], capsys)
+        assert code == 1
+        assert_one_line_error(err, "BLOCK_SIZE 1024 differs", "128 sectors")
+        assert not (tmp_path / "s").exists()
