@@ -73,11 +73,13 @@ import itertools
 import json
 import mmap
 import os
+import queue
 import re
 import signal
 import stat
 import struct
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 import zlib
@@ -98,6 +100,7 @@ MAX_BLOCK = (1 << 32) - 1         # dm-era counts blocks (nr_blocks) in 32 bits
 BLOCK_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
+READ_AHEAD = 4                    # chunks in flight between the reading and writing threads
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
 MAGIC = b"\x89ERA\r\n\x1a\n"      # high bit, CR LF, ^Z: catches text-mode damage
@@ -1128,8 +1131,6 @@ class Source:
             self.size = fd_size(self.fd)
         except OSError as exc:
             raise _os_error(exc, "cannot open %s" % path) from None
-        self.buffer = aligned_buffer(CHUNK_SIZE)
-        self.view = memoryview(self.buffer)
 
     def _go_buffered(self):
         if self.direct and hasattr(os, "O_DIRECT"):
@@ -1142,20 +1143,21 @@ class Source:
             except OSError:
                 pass
 
-    def read(self, offset, length):
-        """Return a memoryview of exactly `length` bytes at `offset`."""
+    def read(self, offset, length, buffer):
+        """Read exactly `length` bytes at `offset` into an aligned buffer; return a view."""
+        view = memoryview(buffer)
         want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN if self.direct else length
         done = 0
         while done < length:
             try:
-                got = os.preadv(self.fd, [self.view[done:want]], offset + done)
+                got = os.preadv(self.fd, [view[done:want]], offset + done)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and self.direct and done == 0:
                     # Some filesystems accept O_DIRECT at open and refuse reads.
                     os.close(self.fd)
                     self.fd = os.open(self.path, os.O_RDONLY)
                     self._go_buffered()
-                    return self.read(offset, length)
+                    return self.read(offset, length, buffer)
                 raise _os_error(exc, "read error at offset %d of %s" % (offset + done,
                                                                         self.path)) from None
             if got == 0:
@@ -1168,11 +1170,77 @@ class Source:
         if done < length:
             raise DeviceError("%s ended at offset %d, expected %d bytes: did the device shrink?"
                               % (self.path, offset + done, offset + length))
-        return self.view[:length]
+        return view[:length]
 
     def close(self):
-        # The buffer goes with the last view handed out; only the fd needs closing.
         os.close(self.fd)
+
+
+class BufferPool:
+    """A few page-aligned buffers handed back and forth between two threads."""
+
+    def __init__(self, count, size):
+        self.free = queue.Queue()
+        for _ in range(count):
+            self.free.put(aligned_buffer(size))
+
+    def take(self):
+        return self.free.get()
+
+    def give(self, buffer):
+        self.free.put(buffer)
+
+
+def read_ahead(source, spans, chunk_size):
+    """Yield (offset, view, span) for each chunk of the spans, read by a second thread.
+
+    span is the (offset, length) being read when the chunk starts it, else None.
+
+    The next chunks are read while this thread checks and writes the current
+    one, so a copy costs about max(read, write) rather than their sum (the
+    reads, checksums and writes all release the GIL).  A view is valid until
+    the next one is asked for.
+    """
+    pool = BufferPool(READ_AHEAD, chunk_size)
+    ready = queue.Queue()
+    stop = threading.Event()
+
+    def reader():
+        try:
+            for span in spans:
+                offset, length = span
+                end = offset + length
+                while offset < end:
+                    buffer = pool.take()
+                    if stop.is_set():
+                        return
+                    size = min(chunk_size, end - offset)
+                    ready.put((offset, source.read(offset, size, buffer), buffer,
+                               span if offset == span[0] else None))
+                    offset += size
+            ready.put(None)
+        except BaseException as exc:   # handed over, raised in the main thread
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name="era_tool reader", daemon=True)
+    thread.start()
+    previous = None
+    try:
+        while True:
+            item = ready.get()
+            if previous is not None:
+                pool.give(previous)          # the consumer is done with it
+                previous = None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            offset, view, previous, span = item
+            yield offset, view, span
+    finally:
+        stop.set()
+        pool.give(None)                      # wakes a reader waiting for a buffer
+        thread.join()
 
 
 class Destination:
@@ -1207,6 +1275,14 @@ class Destination:
         self.initial_size = self.size
         self.written = 0          # bytes written so far, for messages
         self.zeros = b""
+        # Aligned chunks go through a second, O_DIRECT descriptor: no copy into
+        # the page cache (slow on a busy host) and nothing left to flush at fsync.
+        self.direct_fd = None
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                pass                  # e.g. tmpfs: buffered writes only
 
     def resize(self, size):
         """Grow a mirror file to the source size, or shrink it back (undo)."""
@@ -1251,6 +1327,24 @@ class Destination:
         except OSError as exc:
             raise _os_error(exc, "write error at offset %d of %s" % (offset, self.path)) from None
 
+    def write_aligned(self, offset, view):
+        """Write a chunk from an aligned buffer, with O_DIRECT where it fits."""
+        if self.direct_fd is not None and not (offset | len(view)) % DIRECT_ALIGN:
+            try:
+                while len(view):
+                    done = os.pwrite(self.direct_fd, view, offset)
+                    view = view[done:]
+                    offset += done
+                    self.written += done
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise _os_error(exc, "write error at offset %d of %s"
+                                    % (offset, self.path)) from None
+                os.close(self.direct_fd)   # refused after all: buffered from now on
+                self.direct_fd = None
+        self.write(offset, view)
+
     def write_zeros(self, offset, length):
         # A file grown by this apply already reads as zeros there.
         if not self.is_block and offset >= self.initial_size:
@@ -1271,6 +1365,8 @@ class Destination:
             raise _os_error(exc, "cannot sync %s" % self.path) from None
 
     def close(self):
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
         os.close(self.fd)
 
 
@@ -1420,10 +1516,9 @@ class LegacyWriter:
     def __init__(self, output):
         self.output = output
 
-    def write_range(self, offset, length, pieces):
+    def start_range(self, offset, length):
+        """The record header; the range's data follows."""
         self.output.write(LEGACY_RECORD.pack(LEGACY_MAGIC, offset, length))
-        for piece in pieces:
-            self.output.write(piece)
 
 
 # ---------------------------------------------------------------------------
@@ -1522,11 +1617,15 @@ class StreamReader:
     ever written; the trailer proves that no chunk is missing at the end.
     """
 
-    def __init__(self, inp, header):
+    def __init__(self, inp, header, take_buffer=None):
         self.inp = inp
         self.header = header
-        self.buffer = bytearray(header.chunk_size)
-        self.view = memoryview(self.buffer)
+        # take_buffer: where each payload goes (a pool shared with a writer
+        # thread); by default one buffer, reused.
+        if take_buffer is None:
+            view = memoryview(bytearray(header.chunk_size))
+            take_buffer = lambda: view   # noqa: E731
+        self.take_buffer = take_buffer
         self.stream_crc = zlib.crc32(header.raw)
         self.chunks = 0
         self.data_bytes = 0
@@ -1557,7 +1656,7 @@ class StreamReader:
                 raise StreamError("%s: damaged chunk header (offset %d, length %d)"
                                   % (where, offset, length))
             if tag == TAG_DATA:
-                payload = self.view[:length]
+                payload = memoryview(self.take_buffer())[:length]
                 if inp.read_into(payload) < length:
                     raise TruncatedStream("stream ends inside %s at byte %d"
                                           % (where, inp.position))
@@ -2027,21 +2126,21 @@ def cmd_copy(args):
             done = 0
             if args.format == "legacy":
                 writer = LegacyWriter(output)
-                for offset, length in spans:
-                    writer.write_range(offset, length,
-                                       _read_pieces(source, offset, length))
-                    done += length
+                for _, piece, span in read_ahead(source, spans, CHUNK_SIZE):
+                    if span is not None:
+                        writer.start_range(*span)
+                    output.write(piece)
+                    done += len(piece)
                     progress.update(done)
             else:
                 header = StreamHeader(source.size, total, block_size,
                                       since_era=since_era, era=era,
                                       full=args.full, source_id=args.source_id or "")
                 writer = StreamWriter(output, header)
-                for offset, length in spans:
-                    for piece_offset, piece in _read_chunks(source, offset, length):
-                        writer.write_chunk(piece_offset, piece)
-                        done += len(piece)
-                        progress.update(done)
+                for offset, piece, _ in read_ahead(source, spans, CHUNK_SIZE):
+                    writer.write_chunk(offset, piece)
+                    done += len(piece)
+                    progress.update(done)
                 writer.finish()
             output.finish()
             progress.finish(done)
@@ -2051,20 +2150,6 @@ def cmd_copy(args):
     finally:
         source.close()
     return 0
-
-
-def _read_chunks(source, offset, length):
-    """Yield (offset, view) over a byte range, at most CHUNK_SIZE at a time."""
-    end = offset + length
-    while offset < end:
-        size = min(CHUNK_SIZE, end - offset)
-        yield offset, source.read(offset, size)
-        offset += size
-
-
-def _read_pieces(source, offset, length):
-    for _, piece in _read_chunks(source, offset, length):
-        yield piece
 
 
 def _open_stream(path):
@@ -2179,7 +2264,7 @@ def _apply_era(inp, header, dest, args, state):
                               % (dest.path, dest.size, header.device_size))
         if not dest.is_block and dest.size < header.device_size:
             dest.resize(header.device_size)
-        _apply_chunks(StreamReader(inp, header), dest, undo,
+        _apply_chunks(inp, header, dest, undo,
                       Progress(args.progress, "applied", header.total_bytes))
         if not dest.is_block and dest.size > header.device_size:
             # Shrink only now that the whole stream is proven.
@@ -2196,25 +2281,84 @@ def _apply_era(inp, header, dest, args, state):
         raise _roll_back_failed_apply(exc, dest, undo) from None
 
 
-def _apply_chunks(reader, dest, undo, progress):
+class ChunkWriter:
+    """Writes verified chunks in a second thread while the stream is read and checked.
+
+    After a write error it keeps taking chunks (to hand their buffers back)
+    without writing them; the error is raised in the main thread.
+    """
+
+    def __init__(self, dest, pool):
+        self.dest = dest
+        self.pool = pool
+        self.queue = queue.Queue()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="era_tool writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            offset, length, payload = item
+            if self.error is None:
+                try:
+                    if payload is None:
+                        self.dest.write_zeros(offset, length)
+                    else:
+                        self.dest.write_aligned(offset, payload)
+                except BaseException as exc:   # raised in the main thread
+                    self.error = exc
+            if payload is not None:
+                self.pool.give(payload.obj)
+
+    def put(self, offset, length, payload):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((offset, length, payload))
+
+    def close(self):
+        """Wait for every queued write; then raise the first write error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _apply_chunks(stream, header, dest, undo, progress):
     """Write verified chunks; with an undo log, each region's old content first."""
+    if undo is not None:
+        _apply_with_undo(StreamReader(stream, header), dest, undo, progress)
+        return
+    count = max(2, min(READ_AHEAD, (32 << 20) // header.chunk_size))
+    pool = BufferPool(count, header.chunk_size)
+    writer = ChunkWriter(dest, pool)
+    done = 0
+    try:
+        for offset, length, payload in StreamReader(stream, header, pool.take):
+            writer.put(offset, length, payload)
+            done += length
+            progress.update(done)
+    except EraError:
+        writer.close()              # an earlier write error is the one to report
+        raise
+    writer.close()
+    progress.finish(done)
+
+
+def _apply_with_undo(reader, dest, undo, progress):
     done = 0
     pending = []          # chunks whose old content is saved but not yet synced
     pending_bytes = 0
     for offset, length, payload in reader:
-        if undo is None:
-            if payload is None:
-                dest.write_zeros(offset, length)
-            else:
-                dest.write(offset, payload)
-        else:
-            undo.save(offset, length)
-            # The reader reuses its buffer: keep a copy until the batch is written.
-            pending.append((offset, length, None if payload is None else bytes(payload)))
-            pending_bytes += length
-            if pending_bytes >= UNDO_BATCH:
-                _write_batch(dest, undo, pending)
-                pending_bytes = 0
+        undo.save(offset, length)
+        # The reader reuses its buffer: keep a copy until the batch is written.
+        pending.append((offset, length, None if payload is None else bytes(payload)))
+        pending_bytes += length
+        if pending_bytes >= UNDO_BATCH:
+            _write_batch(dest, undo, pending)
+            pending_bytes = 0
         done += length
         progress.update(done)
     if pending:

@@ -513,11 +513,11 @@ class TestCopy:
         xml = write(tmp_path / "l.xml", blocks_xml([(0, 4)]))
         real_read = era_tool.Source.read
 
-        def failing_read(self, offset, length):
+        def failing_read(self, offset, length, buffer):
             if offset >= 2 * BLOCK:
                 raise era_tool.DeviceError("read error at offset %d of %s: Input/output error"
                                            % (offset, self.path))
-            return real_read(self, offset, length)
+            return real_read(self, offset, length, buffer)
         monkeypatch.setattr(era_tool, "CHUNK_SIZE", BLOCK)
         monkeypatch.setattr(era_tool.Source, "read", failing_read)
         out = tmp_path / "o"
