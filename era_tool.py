@@ -100,6 +100,7 @@ MAX_BLOCK = (1 << 32) - 1         # dm-era counts blocks (nr_blocks) in 32 bits
 BLOCK_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
+PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
 READ_AHEAD = 4                    # chunks in flight between the reading and writing threads
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
@@ -1088,6 +1089,17 @@ def aligned_buffer(size):
     return mmap.mmap(-1, size)
 
 
+def widen_pipe(fd):
+    """Let a pipe hold 1 MiB instead of 64 KiB: four syscalls per chunk, not sixty-four."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            import fcntl
+            # F_SETPIPE_SZ is Linux's 1031; the fcntl module names it from Python 3.10 on.
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (OSError, ImportError):
+        pass                      # a smaller pipe is only slower
+
+
 def fd_size(fd):
     """Size in bytes of an open regular file or block device."""
     mode = os.fstat(fd).st_mode
@@ -1379,6 +1391,7 @@ class Output:
             self.fd = sys.stdout.fileno()
             self.name = "standard output"
             self.created = False
+            widen_pipe(self.fd)
         else:
             # exclusive: never overwrite a file that may be the only way back.
             flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
@@ -1533,6 +1546,7 @@ class Input:
         if path is None or path == "-":
             self.file = io.open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)
             self.name = "standard input"
+            widen_pipe(sys.stdin.fileno())
         else:
             try:
                 self.file = io.open(path, "rb", buffering=1 << 20)
