@@ -114,6 +114,26 @@ def blocks_of(data, block):
 
 
 @pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a tmpfs of a given size: a real full disk (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mounted = []
+
+    def mount(size):
+        mountpoint = tmp_path / ("small%d" % len(mounted))
+        mountpoint.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs",
+                           str(mountpoint)]).returncode != 0:
+            pytest.skip("cannot mount tmpfs here")
+        mounted.append(mountpoint)
+        return mountpoint
+    yield mount
+    for mountpoint in mounted:
+        subprocess.run(["umount", str(mountpoint)])
+
+
+@pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of one 4 KiB block, so small streams have many chunks."""
     monkeypatch.setattr(era_tool, "CHUNK_SIZE", BLOCK)
@@ -943,24 +963,14 @@ class TestApply:
         assert result.returncode == 1
         assert_one_line_error(result.stderr.decode(), "cannot grow")
 
-    def test_disk_full(self, tmp_path, capsys):
-        # A real full filesystem: a small tmpfs (root only).
-        if os.geteuid() != 0:
-            pytest.skip("needs root to mount a small tmpfs")
-        mountpoint = tmp_path / "small"
-        mountpoint.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
-                           str(mountpoint)]).returncode != 0:
-            pytest.skip("cannot mount tmpfs here")
-        try:
-            source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 43))
-            stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
-            code, _, err = run_main(["apply", "-i", stream, str(mountpoint / "m")], capsys)
-            assert code == 1
-            assert_one_line_error(err, "write error at offset", "No space left on device",
-                                  "partially updated")
-        finally:
-            subprocess.run(["umount", str(mountpoint)])
+    def test_disk_full(self, tmp_path, capsys, small_filesystem):
+        mountpoint = small_filesystem("64k")
+        source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 43))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
+        code, _, err = run_main(["apply", "-i", stream, str(mountpoint / "m")], capsys)
+        assert code == 1
+        assert_one_line_error(err, "write error at offset", "No space left on device",
+                              "partially updated")
 
     def test_progress(self, tmp_path):
         source = write(tmp_path / "dev", random_bytes(8 * BLOCK, 30))
@@ -1445,26 +1455,17 @@ class TestUndo:
         assert read(case.mirror) == case.old and case.era() == 5
         assert not os.path.exists(case.undo)
 
-    def test_disk_full_rolls_back(self, tmp_path, capsys):
-        if os.geteuid() != 0:
-            pytest.skip("needs root to mount a small tmpfs")
-        mountpoint = tmp_path / "small"
-        mountpoint.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs",
-                           str(mountpoint)]).returncode != 0:
-            pytest.skip("cannot mount tmpfs here")
-        try:
-            old = random_bytes(16 * BLOCK, 80)
-            mirror = write(mountpoint / "m", old)
-            source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 81))
-            stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
-            code, _, err = run_main(["apply", "--undo", str(tmp_path / "undo"), "-i", stream,
-                                     mirror], capsys)
-            assert code == 1
-            assert_one_line_error(err, "No space left on device", "rolled back")
-            assert read(mirror) == old
-        finally:
-            subprocess.run(["umount", str(mountpoint)])
+    def test_disk_full_rolls_back(self, tmp_path, capsys, small_filesystem):
+        mountpoint = small_filesystem("128k")
+        old = random_bytes(16 * BLOCK, 80)
+        mirror = write(mountpoint / "m", old)
+        source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 81))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
+        code, _, err = run_main(["apply", "--undo", str(tmp_path / "undo"), "-i", stream,
+                                 mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "No space left on device", "rolled back")
+        assert read(mirror) == old
 
     def test_sigkill_then_rollback(self, tmp_path):
         """Thirty kills at random moments: rollback always gives back the old mirror."""
