@@ -23,7 +23,7 @@
 #   KEEP_UNDO        keep undo files of the last N passes beside the mirror, dated (default: 0, none); with
 #                    N >= 1 every pass is all-or-nothing, and older versions can be stepped back to
 #
-# HOST needs python3, dmsetup, thin-provisioning-tools (era_invalidate) and, with MOUNTPOINT, fsfreeze.
+# HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze: era_tool reads the dm-era metadata itself.
 # The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
 # recorded by `era_tool.py apply` only after the data is on disk. Exit 0: the mirror is complete and, with
 # MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
@@ -106,7 +106,8 @@ for t in /dev/shm /run "\${TMPDIR:-/tmp}"; do d=\$(mktemp -d "\$t/era_backup.XXX
 snap=0 frozen=0 watchdog=
 cleanup() {
     rc=\$?
-    if [ "\$frozen" = 1 ]; then fsfreeze -u "\$MP" || rc=1; fi
+    # A thaw that fails found the filesystem thawed already, by the timer (which otherwise still will).
+    if [ "\$frozen" = 1 ]; then fsfreeze -u "\$MP" 2>/dev/null || true; fi
     if [ -n "\$watchdog" ]; then kill -- "-\$watchdog" 2>/dev/null || true; fi
     if [ "\$snap" = 1 ]; then dmsetup message "\$ERA" 0 drop_metadata_snap || rc=1; fi
     rm -rf "\$d"
@@ -135,12 +136,12 @@ remote() {
     "${ssh_command[@]}" "$HOST" "$(remote_prelude; cat)" < "$TOOL"
 }
 
-# Prints "ERA BYTES": take a snapshot and estimate the changes since era $1.
+# Prints "ERA BYTES": take a snapshot and estimate the changes since era $1. The list comes from the
+# snapshot itself (era_tool reads the metadata; era_invalidate 0.9 would read the live roots).
 remote_estimate() {
     remote <<EOF
 snapshot
-bytes=\$(era_invalidate --metadata-snapshot --written-since $(q "$1") "\$META" \
-    | python3 "\$d/era_tool.py" copy "\$G" | awk '{ print \$1 }')
+bytes=\$(python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$1") "\$G" | awk '{ print \$1 }')
 echo "\$era \$bytes"
 EOF
 }
@@ -161,20 +162,19 @@ if [ "\$freeze" = 1 ]; then
     frozen=1
 fi
 snapshot
-if [ $(q "$kind") = full ]; then
-    list=
-else
-    list="--since-era $(q "$since")"
-fi
-# The copy's exit status, through the compressor (no pipefail in POSIX sh).
+copy() {
+    if [ $(q "$kind") = full ]; then
+        python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+    else
+        # Block list, since-era and era (the snapshot's) straight from the metadata snapshot.
+        python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$since") \
+            --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+    fi
+}
+# The copy's exit status, through the compressor (no pipefail in POSIX sh; set -e must not end the
+# group before the status is written).
 exec 3>&1
-status=\$( { { if [ -z "\$list" ]; then
-                  python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
-              else
-                  era_invalidate --metadata-snapshot --written-since $(q "$since") "\$META" \
-                      | python3 "\$d/era_tool.py" copy \$list --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
-              fi
-              echo \$? >&4; } | $pack >&3; } 4>&1 )
+status=\$( { { rc=0; copy || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )
 exec 3>&-
 [ "\$status" = 0 ] || { echo "backup.sh (remote): copy failed (exit \$status)" >&2; exit 1; }
 if [ "\$freeze" = 1 ]; then
@@ -223,7 +223,7 @@ exec 9>>"$mirror.lock"
 flock -n 9 || die "another backup.sh is running for $mirror"
 on_exit() {
     local rc=$?
-    [ "$rc" = 0 ] || log "failed (exit $rc): $mirror stays at era $(mirror_era 2>/dev/null || echo '?')"
+    [ "$rc" = 0 ] || log "failed (exit $rc): $mirror holds era $(mirror_era 2>/dev/null || echo '?'), complete but not a consistent image; run again"
 }
 trap on_exit EXIT
 

@@ -75,7 +75,6 @@ import mmap
 import os
 import queue
 import re
-import signal
 import stat
 import struct
 import sys

@@ -9,16 +9,20 @@ Tests that need a real dm-era kernel are at the end and skip elsewhere.
 
 import argparse
 import errno
+import fcntl
 import json
+import mmap
 import os
 import pty
 import random
+import re
 import shutil
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager
@@ -2589,3 +2593,1118 @@ class TestMetadataCommands:
         assert code == 1
         assert_one_line_error(err, "BLOCK_SIZE 1024 differs", "128 sectors")
         assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------
+# A real dm-era (Linux, root, two spare block devices)
+# ---------------------------------------------------------------------------
+#
+# These tests drive the kernel's dm-era target with the real tools: dmsetup, era_invalidate
+# (thin-provisioning-tools), mkfs.ext4, e2fsck, fsfreeze, mount, losetup. They run in the
+# .ci/vm guest, which sets ERA_TOOL_TEST_DISKS. To run them on a Linux host instead, as root,
+# give them two spare block devices, data first, metadata second:
+#
+#   sudo ERA_TOOL_TEST_DISKS=/dev/DATA:/dev/META python3 -m pytest -k DmEra
+#
+# THE TESTS WIPE BOTH DEVICES. The data device needs at least 32 MiB (only its first 32 MiB
+# are written), the metadata device 64 MiB (one test puts an era device over the whole data
+# device). Device-mapper devices they make are named era_tool_test_*; one left over by an
+# interrupted run is removed at the next.
+
+DM_PREFIX = "era_tool_test_"
+ERA_SECTORS = 128                     # era block size in 512-byte sectors
+ERA_BYTES = ERA_SECTORS * 512         # 64 KiB
+MiB = 1 << 20
+
+
+def _dm_era_missing():
+    """Why the real dm-era tests cannot run here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "dm-era needs Linux"
+    disks = os.environ.get("ERA_TOOL_TEST_DISKS")
+    if not disks:
+        return "ERA_TOOL_TEST_DISKS=DATA_DEV:META_DEV is not set (two spare devices the tests wipe)"
+    if os.geteuid() != 0:
+        return "device-mapper needs root"
+    if not os.path.exists("/dev/mapper/control"):
+        return "no /dev/mapper/control (device-mapper is not available)"
+    for tool in ("dmsetup", "era_invalidate", "mkfs.ext4", "e2fsck", "fsfreeze", "losetup",
+                 "mount", "blockdev", "setsid", "flock"):
+        if not shutil.which(tool):
+            return "%s is not installed" % tool
+    try:
+        targets = subprocess.run(["dmsetup", "targets"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+    except OSError as exc:
+        return "dmsetup targets failed: %s" % exc
+    if not re.search(r"^era\s", targets, re.M):
+        return "dmsetup targets does not list era (modprobe dm-era?)"
+    parts = disks.split(":")
+    if len(parts) != 2 or parts[0] == parts[1]:
+        return "ERA_TOOL_TEST_DISKS must be DATA_DEV:META_DEV, two different devices"
+    for path in parts:
+        try:
+            if not stat.S_ISBLK(os.stat(path).st_mode):
+                return "%s (in ERA_TOOL_TEST_DISKS) is not a block device" % path
+        except OSError as exc:
+            return "%s: %s" % (path, exc)
+    return None
+
+
+DM_ERA_MISSING = _dm_era_missing()
+needs_dm_era = pytest.mark.skipif(DM_ERA_MISSING is not None, reason=DM_ERA_MISSING or "")
+
+
+def sh(*argv, check=True, input=None):
+    """Run a command; return its stdout as text. A failure shows its stderr."""
+    result = subprocess.run(argv, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if check and result.returncode != 0:
+        raise AssertionError("%s failed (exit %d): %s" % (" ".join(argv), result.returncode,
+                                                           result.stderr.decode(errors="replace")))
+    return result.stdout.decode(errors="replace")
+
+
+def tool(*args, stdin=None, input=None, timeout=300):
+    """era_tool.py as a real subprocess; returns the CompletedProcess (bytes)."""
+    return subprocess.run([sys.executable, TOOL] + [str(a) for a in args], stdin=stdin,
+                          input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout)
+
+
+def dm_node(name):
+    """/dev/dm-N of a dm device (the VM has no udev, hence no /dev/mapper/NAME)."""
+    major_minor = sh("dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name).strip()
+    return "/dev/dm-%d" % int(major_minor.split(":")[1])
+
+
+def era_status(name):
+    """(current era, metadata snapshot field) from `dmsetup status`."""
+    fields = sh("dmsetup", "status", name).split()
+    assert fields[2] == "era", fields
+    return int(fields[5]), fields[6]
+
+
+def dm_message(name, message):
+    sh("dmsetup", "message", name, "0", message)
+
+
+def write_direct(path, offset, data):
+    """Write with O_DIRECT (page-aligned buffer, 4 KiB-aligned offset and length)."""
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, buf, offset) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def read_direct(path, offset, length):
+    """Read with O_DIRECT: what is on the device, never a cached page."""
+    out = bytearray()
+    buf = mmap.mmap(-1, MiB)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        while len(out) < length:
+            want = min(MiB, length - len(out))
+            got = os.preadv(fd, [memoryview(buf)[:want]], offset + len(out))
+            assert got == want, (path, offset + len(out), got, want)
+            out += buf[:want]
+    finally:
+        os.close(fd)
+        buf.close()
+    return bytes(out)
+
+
+def read_buffered(path, offset, length):
+    """Read through the page cache of `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def listed_blocks(xml):
+    """The set of blocks in era_invalidate's XML (C++ `end = "N"` or Rust `end="N"`)."""
+    text = xml.decode()
+    assert text.rstrip().endswith("</blocks>"), text
+    blocks = {int(m) for m in re.findall(r'<block block="(\d+)"/>', text)}
+    for begin, end in re.findall(r'<range begin="(\d+)" end\s*=\s*"(\d+)"/>', text):
+        blocks.update(range(int(begin), int(end)))
+    return blocks
+
+
+def mirror_state(mirror):
+    result = tool("info", "--json", mirror)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def diff_offsets(a, b, granule=ERA_BYTES):
+    """Offsets of the granules where a and b differ (for assertion messages)."""
+    return [i for i in range(0, max(len(a), len(b)), granule)
+            if a[i:i + granule] != b[i:i + granule]]
+
+
+class DmEnv:
+    """The two test disks, and the dm devices, mounts and processes of one test, undone after it."""
+
+    def __init__(self):
+        self.data, self.meta = os.environ["ERA_TOOL_TEST_DISKS"].split(":")
+        self.undo = []
+        self.remove_leftovers()
+
+    def defer(self, func, *args):
+        self.undo.append((func, args))
+
+    def close(self):
+        errors = []
+        while self.undo:
+            func, args = self.undo.pop()
+            try:
+                func(*args)
+            except Exception as exc:  # keep undoing the rest
+                errors.append("%s%r: %s" % (getattr(func, "__name__", func), args, exc))
+        return errors
+
+    @staticmethod
+    def remove_leftovers():
+        names = [line.split()[0] for line in sh("dmsetup", "ls", check=False).splitlines()
+                 if line.startswith(DM_PREFIX)]
+        for name in names:
+            try:
+                node = dm_node(name)
+            except AssertionError:
+                node = None
+            if node:
+                for mount in mounts_of(node):
+                    subprocess.run(["fsfreeze", "-u", mount], stderr=subprocess.DEVNULL)
+                    subprocess.run(["umount", "-l", mount], stderr=subprocess.DEVNULL)
+            subprocess.run(["dmsetup", "remove", "--retry", name], stderr=subprocess.DEVNULL)
+
+    def wipe_meta(self):
+        """A zero superblock makes dm-era format fresh metadata."""
+        write_direct(self.meta, 0, bytes(MiB))
+
+    def create(self, suffix, table):
+        name = DM_PREFIX + suffix
+        sh("dmsetup", "create", name, input=table.encode())
+        self.defer(remove_dm, name)
+        return name, dm_node(name)
+
+    def era(self, size, suffix="era"):
+        """A fresh era device over the first `size` bytes of the data disk; (name, node)."""
+        self.wipe_meta()
+        return self.create(suffix, "0 %d era %s %s %d\n" % (size // 512, self.meta, self.data,
+                                                            ERA_SECTORS))
+
+    def mkfs_mount(self, node, mnt):
+        sh("mkfs.ext4", "-q", "-F", "-b", "4096",
+           "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", node)
+        os.makedirs(mnt, exist_ok=True)
+        self.mount(node, mnt)
+
+    def mount(self, source, mnt, options=None):
+        sh("mount", *(["-o", options] if options else []), source, mnt)
+        self.defer(unmount, mnt)
+
+    def popen(self, argv, **kw):
+        proc = subprocess.Popen(argv, **kw)
+        self.defer(stop_process, proc)
+        return proc
+
+
+def mounts_of(node):
+    real = os.path.realpath(node)
+    found = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            source, target = line.split()[:2]
+            if os.path.realpath(source) == real:
+                found.append(target.replace("\\040", " "))
+    return found
+
+
+def unmount(mnt):
+    with open("/proc/mounts") as f:
+        mounted = any(line.split()[1] == mnt for line in f)
+    if mounted:
+        subprocess.run(["fsfreeze", "-u", mnt], stderr=subprocess.DEVNULL)  # never umount frozen
+        sh("umount", mnt)
+
+
+def remove_dm(name):
+    sh("dmsetup", "remove", "--retry", name)
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+@pytest.fixture
+def dm():
+    env = DmEnv()
+    yield env
+    errors = env.close()
+    assert not errors, "cleanup failed: %s" % errors
+
+
+def copy_apply(mirror, copy_args, xml=None, tmp_path=None, apply_args=()):
+    """`copy COPY_ARGS | apply APPLY_ARGS MIRROR` as two real processes joined by a pipe.
+
+    Returns (copy status, copy stderr, apply status, apply stderr).
+    """
+    copy = subprocess.Popen([sys.executable, TOOL, "copy"] + [str(a) for a in copy_args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    apply = subprocess.Popen([sys.executable, TOOL, "apply"] + list(apply_args) + [str(mirror)],
+                             stdin=copy.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    copy.stdout.close()
+    errors = {}
+
+    def drain(name, stream):
+        errors[name] = stream.read()
+
+    threads = [threading.Thread(target=drain, args=("copy", copy.stderr)),
+               threading.Thread(target=drain, args=("apply", apply.stderr))]
+    for t in threads:
+        t.start()
+    try:
+        copy.stdin.write(xml or b"")
+    except BrokenPipeError:
+        pass
+    copy.stdin.close()
+    apply.stdout.read()
+    copy_status, apply_status = copy.wait(timeout=300), apply.wait(timeout=300)
+    for t in threads:
+        t.join()
+    copy.stderr.close()
+    apply.stderr.close()
+    apply.stdout.close()
+    return copy_status, errors["copy"].decode(), apply_status, errors["apply"].decode()
+
+
+def era_pass(name, node, meta, mirror, since, source_id, before_copy=None):
+    """One incremental pass as backup.sh makes it; returns the era the mirror then holds.
+
+    take_metadata_snap, read the era, era_invalidate --metadata-snapshot since `since`,
+    copy --since-era/--era/--source-id | apply, drop_metadata_snap.
+    """
+    dm_message(name, "take_metadata_snap")
+    try:
+        era, snap = era_status(name)
+        assert snap != "-", "no metadata snapshot after take_metadata_snap"
+        listing = subprocess.run(["era_invalidate", "--metadata-snapshot", "--written-since",
+                                  str(since), meta], stdout=subprocess.PIPE, check=True).stdout
+        if before_copy:
+            before_copy()
+        status = copy_apply(mirror, ["--since-era", since, "--era", era, "--source-id", source_id,
+                                     ERA_SECTORS, node], xml=listing)
+    finally:
+        dm_message(name, "drop_metadata_snap")
+    assert status[0] == 0 and status[2] == 0, status
+    return era, listing
+
+
+def full_pass(name, node, mirror, source_id):
+    dm_message(name, "take_metadata_snap")
+    try:
+        era, _ = era_status(name)
+        status = copy_apply(mirror, ["--full", "--era", era, "--source-id", source_id,
+                                     ERA_SECTORS, node])
+    finally:
+        dm_message(name, "drop_metadata_snap")
+    assert status[0] == 0 and status[2] == 0, status
+    return era
+
+
+class DirectWriter(threading.Thread):
+    """Writes random data at random 4 KiB-aligned places of a device (O_DIRECT) until stopped."""
+
+    def __init__(self, path, size, seed):
+        super().__init__(daemon=True)
+        self.path, self.size, self.rng = path, size, random.Random(seed)
+        self.writes = 0
+        self.error = None
+        self.halt = threading.Event()
+
+    def run(self):
+        buf = mmap.mmap(-1, ERA_BYTES)
+        fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            while not self.halt.is_set():
+                length = self.rng.choice((4096, 16384, ERA_BYTES))
+                offset = self.rng.randrange((self.size - length) // 4096 + 1) * 4096
+                buf[:length] = os.urandom(length)
+                assert os.pwrite(fd, memoryview(buf)[:length], offset) == length
+                self.writes += 1
+                time.sleep(0.005)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            os.close(fd)
+            buf.close()
+
+    def stop(self):
+        self.halt.set()
+        self.join(60)
+        assert not self.is_alive()
+        assert self.error is None, self.error
+
+
+@needs_dm_era
+class TestDmEraCopy:
+    SIZE = 16 * MiB
+
+    def test_era_invalidate_copy_apply(self, dm, tmp_path):
+        # Data already on the disk before the era device exists, then a full copy.
+        old = os.urandom(self.SIZE)
+        write_direct(dm.data, 0, old)
+        name, node = dm.era(self.SIZE)
+        mirror = tmp_path / "mirror.img"
+        era0 = full_pass(name, node, mirror, "vm:copy")
+        assert read_file(mirror) == old
+        assert mirror_state(mirror)["era"] == era0
+
+        # Writes at known places: whole blocks, 4 KiB inside blocks, one across a block
+        # boundary, the last block of the device.
+        writes = {0: ERA_BYTES, 5 * ERA_BYTES + 8192: 4096, 40 * ERA_BYTES - 4096: 8192,
+                  100 * ERA_BYTES: 3 * ERA_BYTES, self.SIZE - 4096: 4096}
+        expected_blocks = set()
+        for offset, length in writes.items():
+            write_direct(node, offset, os.urandom(length))
+            expected_blocks.update(range(offset // ERA_BYTES,
+                                         (offset + length - 1) // ERA_BYTES + 1))
+        era1, listing = era_pass(name, node, dm.meta, mirror, era0, "vm:copy")
+        assert listed_blocks(listing) == expected_blocks
+        assert era1 > era0
+        truth = read_direct(node, 0, self.SIZE)
+        assert truth != old
+        image = read_file(mirror)
+        assert image == truth, diff_offsets(image, truth)
+        state = mirror_state(mirror)
+        assert (state["era"], state["source_id"], state["block_size"]) == (era1, "vm:copy",
+                                                                           ERA_SECTORS)
+
+        # Nothing written since: an empty list, an empty pass, the era moves on.
+        era2, listing = era_pass(name, node, dm.meta, mirror, era1, "vm:copy")
+        assert listed_blocks(listing) == set()
+        assert read_file(mirror) == truth
+        assert mirror_state(mirror)["era"] == era2 > era1
+
+    def test_incremental_chain_with_concurrent_writes(self, dm, tmp_path):
+        name, node = dm.era(self.SIZE)
+        write_direct(node, 0, os.urandom(self.SIZE))
+        mirror = tmp_path / "mirror.img"
+        writer = DirectWriter(node, self.SIZE, seed=7)
+        writer.start()
+        try:
+            era = full_pass(name, node, mirror, "vm:chain")
+            during = []
+            for _ in range(3):
+                marks = {}
+
+                def mark():
+                    marks["before"] = writer.writes
+
+                era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:chain", before_copy=mark)
+                during.append(writer.writes - marks["before"])
+                assert mirror_state(mirror)["era"] == era
+        finally:
+            writer.stop()
+        # The writer really wrote while each copy ran.
+        assert all(n > 0 for n in during), during
+        era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:chain")
+        truth = read_direct(node, 0, self.SIZE)
+        image = read_file(mirror)
+        assert image == truth, "differs at %s (writes: %d, during copies: %s)" % (
+            diff_offsets(image, truth), writer.writes, during)
+        assert mirror_state(mirror)["era"] == era
+
+    def test_unreadable_region(self, dm, tmp_path):
+        # linear | error | linear over the data disk: the 1 MiB at 4 MiB cannot be read.
+        content = os.urandom(8 * MiB)
+        write_direct(dm.data, 0, content)
+        bad_start, bad_end = 4 * MiB, 5 * MiB
+        table = ("0 %d linear %s 0\n%d %d error\n%d %d linear %s %d\n"
+                 % (bad_start // 512, dm.data, bad_start // 512, (bad_end - bad_start) // 512,
+                    bad_end // 512, (8 * MiB - bad_end) // 512, dm.data, bad_end // 512))
+        _, node = dm.create("bad", table)
+        assert read_direct(node, 0, 4096) == content[:4096]
+
+        def check_error(result, offset):
+            err = result.stderr.decode()
+            lines = err.strip("\n").split("\n")
+            assert result.returncode == 1, err
+            assert len(lines) == 1 and lines[0].startswith("era_tool: error: "), err
+            assert "Traceback" not in err
+            assert "read error at offset %d " % offset in lines[0], err
+            print(lines[0])
+
+        # --full to standard output: the stream stops at the bad region, without a trailer.
+        full = tool("copy", "--full", ERA_SECTORS, node)
+        check_error(full, bad_start)
+        info = tool("info", "--json", input=full.stdout)
+        assert info.returncode == 1
+        assert json.loads(info.stdout)["intact"] is False
+        mirror = tmp_path / "mirror.img"
+        apply = tool("apply", mirror, input=full.stdout)
+        assert apply.returncode == 1
+        assert not os.path.exists(str(mirror) + ".era")
+        image = read_file(mirror)
+        # Each chunk holds the device's data or nothing written (zeros); past the error, nothing.
+        for offset in range(0, bad_start, 4 * MiB):
+            assert image[offset:offset + 4 * MiB] in (content[offset:offset + 4 * MiB],
+                                                      bytes(4 * MiB)), offset
+        assert image[bad_start:] == bytes(len(image) - bad_start)
+
+        # -o FILE: the partial file is removed.
+        out = tmp_path / "full.era"
+        check_error(tool("copy", "--full", "-o", out, ERA_SECTORS, node), bad_start)
+        assert not out.exists()
+
+        # A block list: good blocks, then a range starting inside the bad region.
+        blocks = ('<blocks>\n  <range begin="0" end = "2"/>\n'
+                  '  <range begin="%d" end = "%d"/>\n</blocks>\n')
+        inside = bad_start + 8 * ERA_BYTES
+        listing = (blocks % (inside // ERA_BYTES, inside // ERA_BYTES + 3)).encode()
+        partial = tool("copy", "--since-era", 1, "--era", 2, ERA_SECTORS, node, input=listing)
+        check_error(partial, inside)
+        # All or nothing with --undo: the mirror is as it was.
+        junk = os.urandom(8 * MiB)
+        with open(tmp_path / "m2.img", "wb") as f:
+            f.write(junk)
+        undo = tmp_path / "m2.undo"
+        apply = tool("apply", "--undo", undo, tmp_path / "m2.img", input=partial.stdout)
+        assert apply.returncode == 1, apply.stderr
+        assert read_file(tmp_path / "m2.img") == junk
+
+
+@needs_dm_era
+class TestDmEraFilesystem:
+    SIZE = 32 * MiB
+
+    @staticmethod
+    def tree(root):
+        """{relative path: content} of the regular files under root (lost+found left out)."""
+        files = {}
+        for top, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not (top == str(root) and d == "lost+found")]
+            for n in names:
+                path = os.path.join(top, n)
+                files[os.path.relpath(path, root)] = read_file(path)
+        return files
+
+    def test_frozen_final_pass_is_consistent(self, dm, tmp_path):
+        name, node = dm.era(self.SIZE)
+        mnt = str(tmp_path / "mnt")
+        dm.mkfs_mount(node, mnt)
+        rng = random.Random(3)
+        for i in range(12):
+            size = rng.choice((1000, 4096, 70000, 300000))
+            with open(os.path.join(mnt, "f%02d" % i), "wb") as f:
+                f.write(os.urandom(size))
+        os.mkdir(os.path.join(mnt, "sub"))
+        with open(os.path.join(mnt, "sub", "deep"), "wb") as f:
+            f.write(os.urandom(100000))
+        os.sync()
+        mirror = tmp_path / "mirror.img"
+        era = full_pass(name, node, mirror, "vm:fs")
+
+        # Changes while mounted: in place, appended, new, deleted, renamed.
+        with open(os.path.join(mnt, "f00"), "r+b") as f:
+            f.seek(100)
+            f.write(b"overwritten in place" * 50)
+        with open(os.path.join(mnt, "f01"), "ab") as f:
+            f.write(os.urandom(50000))
+        with open(os.path.join(mnt, "sub", "new"), "wb") as f:
+            f.write(os.urandom(200000))
+        os.unlink(os.path.join(mnt, "f02"))
+        os.rename(os.path.join(mnt, "f03"), os.path.join(mnt, "sub", "f03.moved"))
+        expected = self.tree(mnt)
+
+        sh("fsfreeze", "-f", mnt)
+        try:
+            era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:fs")
+        finally:
+            sh("fsfreeze", "-u", mnt)
+        fsck = subprocess.run(["e2fsck", "-fn", str(mirror)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        assert fsck.returncode == 0, fsck.stdout.decode()
+        view = str(tmp_path / "view")
+        os.mkdir(view)
+        dm.mount(str(mirror), view, "ro,loop")
+        assert self.tree(view) == expected
+        unmount(view)
+
+        # After the last write (umount): one more pass and the mirror is the device, byte for byte.
+        unmount(mnt)
+        era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:fs")
+        truth = read_direct(node, 0, self.SIZE)
+        image = read_file(mirror)
+        assert image == truth, diff_offsets(image, truth)
+        assert mirror_state(mirror)["era"] == era
+
+    def test_stale_page_cache_of_the_device(self, dm, tmp_path):
+        # A filesystem writes file data with its own bios, past the page cache of the block
+        # device under it: a cached (buffered) read of /dev/dm-N can return what was there
+        # before. copy reads with O_DIRECT and must see the new data.
+        name, node = dm.era(self.SIZE)
+        mnt = str(tmp_path / "mnt")
+        dm.mkfs_mount(node, mnt)
+        victim = os.path.join(mnt, "victim")
+        old = os.urandom(ERA_BYTES)
+        with open(victim, "wb") as f:
+            f.write(old)
+            f.flush()
+            os.fsync(f.fileno())
+        physical = physical_offset(victim)
+        mirror = tmp_path / "mirror.img"
+        era = full_pass(name, node, mirror, "vm:stale")
+        assert read_file(mirror)[physical:physical + ERA_BYTES] == old
+
+        # Prime the device's page cache with the old content, then overwrite the file in place.
+        assert read_buffered(node, physical, ERA_BYTES) == old
+        new = os.urandom(ERA_BYTES)
+        with open(victim, "r+b") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        assert physical_offset(victim) == physical, "ext4 moved the file: no in-place overwrite"
+        assert read_direct(node, physical, ERA_BYTES) == new
+        stale_before = read_buffered(node, physical, ERA_BYTES) == old
+
+        era, listing = era_pass(name, node, dm.meta, mirror, era, "vm:stale")
+        assert physical // ERA_BYTES in listed_blocks(listing)
+        stale_after = read_buffered(node, physical, ERA_BYTES) == old
+        # The hazard is real: the cache still held the old data while copy ran ...
+        assert stale_before and stale_after, "buffered read of %s was not stale" % node
+        # ... and copy, reading with O_DIRECT, sent the new data.
+        assert read_file(mirror)[physical:physical + ERA_BYTES] == new
+
+
+FS_IOC_FIEMAP = 0xC020660B
+
+
+def physical_offset(path):
+    """Byte offset on the device of a file's first byte (FIEMAP); it must be one extent."""
+    header = struct.pack("=QQLLLL", 0, 0xFFFFFFFFFFFFFFFF, 1, 0, 1, 0)   # FIEMAP_FLAG_SYNC
+    buf = bytearray(header + bytes(56))
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, buf)
+    mapped = struct.unpack_from("=L", buf, 20)[0]
+    assert mapped == 1, "expected one extent, FIEMAP mapped %d" % mapped
+    logical, physical, length = struct.unpack_from("=QQQ", buf, 32)
+    assert logical == 0 and length >= os.path.getsize(path), (logical, length)
+    return physical
+
+
+# ---------------------------------------------------------------------------
+# The metadata reader on live kernel metadata
+# ---------------------------------------------------------------------------
+
+
+def metadata_pass(name, node, meta, mirror, since, source_id, before_copy=None):
+    """One pass with the list read by era_tool from the metadata snapshot; returns the era."""
+    dm_message(name, "take_metadata_snap")
+    try:
+        era, _ = era_status(name)
+        if before_copy:
+            before_copy()
+        status = copy_apply(mirror, ["--metadata", meta, "--since", since,
+                                     "--source-id", source_id, node])
+    finally:
+        dm_message(name, "drop_metadata_snap")
+    assert status[0] == 0 and status[2] == 0, status
+    state = mirror_state(mirror)
+    # The snapshot's own era is recorded: the one dmsetup status showed right after it.
+    assert state["era"] == era, (state, era)
+    return era
+
+
+@needs_dm_era
+class TestDmEraMetadata:
+    SIZE = 16 * MiB
+
+    def test_snapshot_is_honoured_while_writes_go_on(self, dm):
+        name, node = dm.era(self.SIZE)
+        era0, _ = era_status(name)
+        before = {1, 5, 9, 200}
+        for block in before:
+            write_direct(node, block * ERA_BYTES, os.urandom(ERA_BYTES))
+        dm_message(name, "take_metadata_snap")
+        try:
+            era1, _ = era_status(name)
+            after = {20, 21, 100}
+            for block in after:
+                write_direct(node, block * ERA_BYTES, os.urandom(ERA_BYTES))
+            # The writes after the snapshot are committed in the live metadata (dm-era
+            # commits a block's bit before the write completes) ...
+            live = tool("blocks", "--live", "--metadata", dm.meta, "--since", era1)
+            assert live.returncode == 0, live.stderr
+            assert after <= listed_blocks(live.stdout)
+            dm_message(name, "checkpoint")       # ... and archived in the live writeset tree
+            # ... but the snapshot's list is the one returned.
+            snap = tool("blocks", "--metadata", dm.meta, "--since", era0)
+            assert snap.returncode == 0, snap.stderr
+            assert listed_blocks(snap.stdout) == before
+            estimate = tool("copy", "--json", "--metadata", dm.meta, "--since", era0)
+            assert json.loads(estimate.stdout)["blocks"] == len(before)
+        finally:
+            dm_message(name, "drop_metadata_snap")
+        dm_message(name, "take_metadata_snap")
+        try:
+            both = tool("blocks", "--metadata", dm.meta, "--since", era0)
+            assert listed_blocks(both.stdout) == before | after
+            later = tool("blocks", "--metadata", dm.meta, "--since", era1)
+            assert listed_blocks(later.stdout) == after
+            # era_invalidate agrees wherever it reads what it should.
+            reference = subprocess.run(["era_invalidate", "--metadata-snapshot",
+                                        "--written-since", str(era0), dm.meta],
+                                       stdout=subprocess.PIPE, check=True).stdout
+            assert listed_blocks(reference) == before | after
+        finally:
+            dm_message(name, "drop_metadata_snap")
+
+    def test_no_snapshot_is_refused(self, dm):
+        name, node = dm.era(self.SIZE)
+        result = tool("blocks", "--metadata", dm.meta, "--since", 1)
+        assert result.returncode == 1
+        assert result.stderr.decode().startswith("era_tool: error: no metadata snapshot")
+
+    def test_chain_from_metadata_with_concurrent_writes(self, dm, tmp_path):
+        name, node = dm.era(self.SIZE)
+        write_direct(node, 0, os.urandom(self.SIZE))
+        mirror = tmp_path / "mirror.img"
+        writer = DirectWriter(node, self.SIZE, seed=8)
+        writer.start()
+        try:
+            era = full_pass(name, node, mirror, "vm:meta")
+            during = []
+            for _ in range(3):
+                marks = {}
+
+                def mark():
+                    marks["before"] = writer.writes
+
+                era = metadata_pass(name, node, dm.meta, mirror, era, "vm:meta",
+                                    before_copy=mark)
+                during.append(writer.writes - marks["before"])
+        finally:
+            writer.stop()
+        assert all(n > 0 for n in during), during
+        era = metadata_pass(name, node, dm.meta, mirror, era, "vm:meta")
+        truth = read_direct(node, 0, self.SIZE)
+        image = read_file(mirror)
+        assert image == truth, diff_offsets(image, truth)
+
+
+# ---------------------------------------------------------------------------
+# backup.sh on a real era device, with a stand-in for ssh
+# ---------------------------------------------------------------------------
+
+# Writes files f0..f11 at random sizes, each a complete version (written to a temporary
+# name, fsynced, renamed), until the stop file exists; prints how many it wrote.
+WRITER = r"""
+import os, random, sys, time, zlib
+root, stop = sys.argv[1], sys.argv[2]
+rng = random.Random(11)
+n = 0
+while not os.path.exists(stop):
+    body = os.urandom(rng.choice((3000, 65536, 200000)))
+    data = b"%d %d %08x\n" % (n, len(body), zlib.crc32(body)) + body
+    tmp = os.path.join(root, "f%d.tmp" % (n % 12))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(root, "f%d" % (n % 12)))
+    n += 1
+    time.sleep(0.2)
+print(n)
+"""
+
+
+def check_writer_file(data):
+    """A file of WRITER: its header must describe its body (a torn or mixed file does not)."""
+    head, _, body = data.partition(b"\n")
+    _, length, crc = head.split()
+    return int(length) == len(body) and int(crc, 16) == zlib.crc32(body)
+
+
+@needs_dm_era
+class TestDmEraBackupScript:
+    SIZE = 32 * MiB
+
+    @pytest.fixture
+    def rig(self, dm, tmp_path):
+        """An era device with ext4 mounted, a fake ssh, settings; see run()."""
+        name, node = dm.era(self.SIZE)
+        rig = Rig(dm, tmp_path, name, node)
+        dm.mkfs_mount(node, rig.mnt)
+        dm.defer(rig.cleanup)
+        return rig
+
+    def test_runs_mirror_is_consistent_then_identical(self, rig):
+        writer = rig.dm.popen([sys.executable, "-c", WRITER, rig.mnt, rig.stop],
+                              stdout=subprocess.PIPE)
+        time.sleep(2)
+        first = rig.run()
+        assert first.returncode == 0, first.stderr
+        assert "first backup, full copy" in first.stderr
+        assert "frozen pass done" in first.stderr
+        assert rig.fsck() == 0
+        with rig.view() as files:
+            checked = [n for n in files if re.match(r"f\d+$", n)]
+            assert checked, files
+            bad = [n for n in checked if not check_writer_file(files[n])]
+            assert not bad, "torn files in the mirror: %s" % bad
+
+        # Never quiet enough to freeze (FREEZE_LIMIT=0 while the writer writes): after
+        # MAX_PASSES, exit 1 with the mirror at the era of the last incremental pass.
+        era = mirror_state(rig.mirror)["era"]
+        busy = rig.run(FREEZE_LIMIT=0, MAX_PASSES=2)
+        assert busy.returncode == 1, busy.stderr
+        assert "incremental pass done" in busy.stderr and "raise MAX_PASSES" in busy.stderr
+        assert mirror_state(rig.mirror)["era"] > era
+        open(rig.stop, "w").close()
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0 and int(out) > 0
+
+        third = rig.run()
+        assert third.returncode == 0, third.stderr
+        assert rig.fsck() == 0
+        expected = TestDmEraFilesystem.tree(rig.mnt)
+        with rig.view() as files:
+            assert files == expected
+
+        # ext4 writes its superblock at thaw and umount: umount, then a run without a freeze,
+        # and the mirror is the device, byte for byte.
+        unmount(rig.mnt)
+        last = rig.run(MOUNTPOINT="")
+        assert last.returncode == 0, last.stderr
+        assert "not frozen" in last.stderr
+        truth = read_direct(rig.node, 0, self.SIZE)
+        image = read_file(rig.mirror)
+        assert image == truth, diff_offsets(image, truth)
+        era, snap = era_status(rig.name)
+        assert mirror_state(rig.mirror)["era"] == era
+        assert snap == "-", "backup.sh left a metadata snapshot"
+
+    def test_copy_killed_while_frozen(self, rig):
+        assert rig.run().returncode == 0
+        state = read_file(rig.state)
+        rig.write_files("after", 5)
+        rig.arm(60)
+        shm = set(os.listdir("/dev/shm"))
+        run = rig.start()
+        copy = rig.wait_for_copy(run)
+        probe = WriteProbe(rig.mnt)
+        assert not probe.done.wait(1.5), "the filesystem is not frozen during the final pass"
+        assert [(op, rc, by) for _, op, rc, by in rig.freezes()] == [("-f", 0, "shell")]
+        os.kill(copy, signal.SIGKILL)
+        killed = time.time()
+        assert probe.done.wait(15), "the filesystem stayed frozen after the copy was killed"
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode != 0, stderr
+        # Thawed at once by the remote shell's trap, not by the timer (FREEZE_TIMEOUT=60).
+        freezes = rig.freezes()
+        assert [(op, rc, by) for _, op, rc, by in freezes] == [("-f", 0, "shell"),
+                                                               ("-u", 0, "shell")], freezes
+        print("thawed %.2f s after the kill" % (freezes[1][0] - killed))
+        assert freezes[1][0] - killed < 10
+        assert read_file(rig.state) == state
+        assert era_status(rig.name)[1] == "-", "the metadata snapshot was not dropped"
+        assert set(os.listdir("/dev/shm")) - shm == set(), "remote temporary directory left"
+
+    def check_timer_thaw(self, rig, probe, timeout):
+        """The thaw timer, not the remote shell, thawed the filesystem within `timeout` s."""
+        assert probe.done.wait(timeout + 10), "FREEZE_TIMEOUT=%d: still frozen" % timeout
+        deadline = time.monotonic() + 10     # the thaw is logged just after it
+        while len(rig.freezes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        freezes = rig.freezes()
+        # fsfreeze -u fails on a filesystem that is not frozen: rc 0 is the thaw itself.
+        assert [(op, rc, by) for _, op, rc, by in freezes] == [("-f", 0, "shell"),
+                                                               ("-u", 0, "timer")], freezes
+        frozen_for = freezes[1][0] - freezes[0][0]
+        print("frozen for %.2f s" % frozen_for)
+        assert 0 < frozen_for < timeout + 1
+
+    def test_freeze_timeout_thaws_a_slow_copy(self, rig):
+        rig.arm(15)                           # the final pass's copy starts 15 s late
+        run = rig.start(FREEZE_TIMEOUT=3)
+        rig.wait_for_copy(run)
+        probe = WriteProbe(rig.mnt)
+        self.check_timer_thaw(rig, probe, 3)
+        assert run.poll() is None, "the run ended before the copy"
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode == 1, stderr
+        assert "outlasted FREEZE_TIMEOUT" in stderr.decode()
+        print(stderr.decode(), "state after:", read_file(rig.state))
+
+    def test_freeze_timeout_thaws_after_remote_shell_killed(self, rig):
+        rig.arm(120)
+        run = rig.start(FREEZE_TIMEOUT=3)
+        copy = rig.wait_for_copy(run)
+        probe = WriteProbe(rig.mnt)
+        # The remote shell dies at once, its traps never run; then the copy.
+        remote_shell = int(read_file(rig.ssh_pids).split()[-1])
+        os.kill(remote_shell, signal.SIGKILL)
+        os.kill(copy, signal.SIGKILL)
+        self.check_timer_thaw(rig, probe, 3)
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode != 0
+        # The next run drops the stale snapshot and completes.
+        rig.disarm()
+        again = rig.run()
+        assert again.returncode == 0, again.stderr
+        assert rig.fsck() == 0
+        assert era_status(rig.name)[1] == "-"
+
+
+def kill_if(pidfile, marker):
+    """SIGKILL the process in pidfile if it is still there and its command line has marker."""
+    try:
+        pid = int(read_file(pidfile))
+        if marker in read_file("/proc/%d/cmdline" % pid):
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+class WriteProbe:
+    """Creates a file on a filesystem in a thread: it blocks while the filesystem is frozen."""
+
+    def __init__(self, mnt):
+        self.done = threading.Event()
+        self.path = os.path.join(mnt, "probe.%d" % random.randrange(1 << 30))
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        with open(self.path, "wb") as f:
+            f.write(b"probe")
+        self.done.set()
+
+
+class Rig:
+    """backup.sh driving a local era device: a fake ssh that runs the command here.
+
+    A python3 wrapper first on the remote PATH can hold back the copy of a pass with a block
+    list (copy --metadata ... --source-id, not the estimate nor the full copy) while armed, writing its pid to copy.pid, so that a test can act while the
+    filesystem is frozen.
+    """
+
+    def __init__(self, dm, tmp_path, name, node):
+        self.dm, self.name, self.node = dm, name, node
+        self.dir = tmp_path / "backup"
+        self.dir.mkdir()
+        self.mirror = str(self.dir / "mirror.img")
+        self.state = self.mirror + ".era"
+        self.mnt = str(tmp_path / "mnt")
+        self.stop = str(tmp_path / "stop-writer")
+        rig = tmp_path / "rig"
+        (rig / "bin").mkdir(parents=True)
+        self.arm_file = str(rig / "arm")
+        self.copy_pid = str(rig / "copy.pid")
+        self.ssh_pids = str(rig / "ssh.pids")
+        self.ssh = str(rig / "ssh")
+        with open(self.ssh, "w") as f:
+            f.write('#!/bin/sh\n# ssh HOST COMMAND, run here\necho $$ >> %s\nshift\n'
+                    'PATH=%s:$PATH exec sh -c "$1"\n' % (self.ssh_pids, rig / "bin"))
+        # One process from the hold to the copy (os.execv): killing it leaves nothing behind
+        # that holds the pipes of the remote shell.
+        hold = ("import os, sys, time\n"
+                "open(sys.argv[1] + '.new', 'w').write('%d\\n' % os.getpid())\n"
+                "os.rename(sys.argv[1] + '.new', sys.argv[1])\n"
+                "time.sleep(float(open(sys.argv[2]).read()))\n"
+                "os.execv(sys.executable, [sys.executable] + sys.argv[3:])\n")
+        with open(str(rig / "bin" / "python3"), "w") as f:
+            f.write('#!/bin/sh\n'
+                    'if [ -f %(arm)s ]; then\n'
+                    '    case " $* " in *" copy --metadata "*" --source-id "*)\n'
+                    '        exec %(python)s -c "%(hold)s" %(pid)s %(arm)s "$@"\n'
+                    '    esac\n'
+                    'fi\n'
+                    'exec %(python)s "$@"\n' % {"arm": self.arm_file, "pid": self.copy_pid,
+                                                "python": sys.executable, "hold": hold})
+        # fsfreeze, logged: when, -f or -u, its status, and who: the thaw timer is a session
+        # leader (setsid), the remote shell is not.
+        self.freeze_log = str(rig / "freeze.log")
+        with open(str(rig / "bin" / "fsfreeze"), "w") as f:
+            f.write('#!/bin/sh\n'
+                    '%s "$@"; rc=$?\n'
+                    'sid=$(awk \'{ print $6 }\' /proc/$PPID/stat)\n'
+                    'if [ "$sid" = "$PPID" ]; then by=timer; else by=shell; fi\n'
+                    'echo "$(date +%%s.%%N) $1 $rc $by" >> %s\n'
+                    'exit $rc\n' % (shutil.which("fsfreeze"), self.freeze_log))
+        for name in ("ssh", "bin/python3", "bin/fsfreeze"):
+            os.chmod(str(rig / name), 0o755)
+        self.settings = str(tmp_path / "settings")
+
+    def write_settings(self, **override):
+        """Settings for the next run, which starts a new log of fsfreeze calls."""
+        if os.path.exists(self.freeze_log):
+            os.unlink(self.freeze_log)
+        settings = dict(HOST="localhost", SSH=self.ssh, ERA_DEVICE=self.name,
+                        DATA_DEVICE=self.node, METADATA_DEVICE=self.dm.meta, MOUNTPOINT=self.mnt,
+                        DIR=str(self.dir), FILE="mirror.img", FREEZE_LIMIT=str(8 * MiB),
+                        FREEZE_TIMEOUT="60", COMPRESS="gzip", TOOL=TOOL)
+        settings.update({k: str(v) for k, v in override.items()})
+        with open(self.settings, "w") as f:
+            f.write("".join("%s=%s\n" % item for item in settings.items()))
+
+    def env(self):
+        names = ("HOST", "SSH", "ERA_DEVICE", "DATA_DEVICE", "METADATA_DEVICE", "GRANULARITY",
+                 "MOUNTPOINT", "FREEZE_LIMIT", "FREEZE_TIMEOUT", "DIR", "FILE", "SOURCE_ID",
+                 "TOOL", "MAX_PASSES", "COMPRESS", "KEEP_UNDO")
+        return {k: v for k, v in os.environ.items() if k not in names}
+
+    def run(self, **override):
+        self.write_settings(**override)
+        result = subprocess.run(["bash", BACKUP, self.settings], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env(), timeout=300,
+                                universal_newlines=True)
+        print(result.stderr)
+        return result
+
+    def start(self, **override):
+        self.write_settings(**override)
+        return self.dm.popen(["bash", BACKUP, self.settings], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=self.env())
+
+    def freezes(self):
+        """[(time, "-f" or "-u", status, "shell" or "timer")] of the remote fsfreeze calls."""
+        try:
+            lines = read_file(self.freeze_log).decode().splitlines()
+        except FileNotFoundError:
+            return []
+        return [(float(t), op, int(rc), by) for t, op, rc, by in (line.split() for line in lines)]
+
+    def arm(self, seconds):
+        with open(self.arm_file, "w") as f:
+            f.write("%d\n" % seconds)
+
+    def disarm(self):
+        os.unlink(self.arm_file)
+
+    def wait_for_copy(self, run, timeout=180):
+        """The pid of the held copy, once it is there."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.copy_pid):
+            if run.poll() is not None:
+                raise AssertionError("backup.sh ended (exit %d) before the final copy: %s"
+                                     % (run.returncode, run.stderr.read().decode()))
+            assert time.monotonic() < deadline, "no copy within %d s" % timeout
+            time.sleep(0.05)
+        return int(read_file(self.copy_pid))
+
+    def write_files(self, prefix, count):
+        for i in range(count):
+            with open(os.path.join(self.mnt, "%s%d" % (prefix, i)), "wb") as f:
+                f.write(os.urandom(100000))
+        os.sync()
+
+    def fsck(self):
+        result = subprocess.run(["e2fsck", "-fn", self.mirror], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True)
+        print(result.stdout)
+        return result.returncode
+
+    def view(self):
+        rig = self
+
+        class View:
+            def __enter__(self):
+                self.mnt = str(rig.dir / "view")
+                os.makedirs(self.mnt, exist_ok=True)
+                sh("mount", "-o", "ro,loop", rig.mirror, self.mnt)
+                return TestDmEraFilesystem.tree(self.mnt)
+
+            def __exit__(self, *exc):
+                sh("umount", self.mnt)
+
+        return View()
+
+    def cleanup(self):
+        # A held copy and a frozen filesystem must not outlive the test.
+        kill_if(self.copy_pid, b"era_tool")
+        subprocess.run(["fsfreeze", "-u", self.mnt], stderr=subprocess.DEVNULL)
+        open(self.stop, "w").close()
+
+
+@needs_dm_era
+class TestDmEraInitramfsScript:
+    def script(self, tmp_path, data, meta, name, block_size=ERA_SECTORS):
+        text = read_file(ZZ).decode()
+        settings = {"DATA_DEVICE": data, "META_DEVICE": meta, "ERA_DEVICE_NAME": name,
+                    "BLOCK_SIZE": str(block_size)}
+        for key, value in settings.items():
+            text, n = re.subn(r"(?m)^%s=\S*" % key, "%s=%s" % (key, value), text)
+            assert n == 1, key
+        path = tmp_path / ("zz-%s.sh" % name)
+        path.write_text(text)
+        return str(path)
+
+    @staticmethod
+    def kernel_log():
+        return sh("dmesg")
+
+    def test_creates_once_refuses_and_waits(self, dm, tmp_path):
+        dm.wipe_meta()
+        name = DM_PREFIX + "zz%d" % random.randrange(10 ** 6)
+        script = self.script(tmp_path, dm.data, dm.meta, name)
+        result = subprocess.run(["sh", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if sh("dmsetup", "ls").find(name) >= 0:
+            dm.defer(remove_dm, name)
+        assert result.returncode == 0, result.stderr
+        era_status(name)   # an era device
+        table = sh("dmsetup", "table", name).split()
+        size = int(sh("blockdev", "--getsz", dm.data))
+
+        def dev_numbers(path):
+            rdev = os.stat(path).st_rdev
+            return "%d:%d" % (os.major(rdev), os.minor(rdev))
+
+        assert table == ["0", str(size), "era", dev_numbers(dm.meta), dev_numbers(dm.data),
+                         str(ERA_SECTORS)]
+        created = "zz_dm-era: created /dev/mapper/%s" % name
+        assert self.kernel_log().count(created) == 1
+
+        # It runs again as devices appear: nothing to do, exit 0.
+        again = subprocess.run(["sh", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert (again.returncode, again.stdout, again.stderr) == (0, b"", b"")
+        assert self.kernel_log().count(created) == 1
+        assert sh("dmsetup", "table", name).split() == table
+
+        # Data and metadata the same device, even through a symlink: refused, logged.
+        link = tmp_path / "same-disk"
+        os.symlink(dm.data, str(link))
+        same = DM_PREFIX + "zzsame"
+        script = self.script(tmp_path, dm.data, str(link), same)
+        result = subprocess.run(["sh", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert result.returncode == 1
+        assert "zz_dm-era: refusing: data and metadata devices are the same (%s)" \
+            % os.path.realpath(dm.data) in self.kernel_log()
+        assert sh("dmsetup", "info", same, check=False) == ""
+
+        # A device not there (yet): exit 0, quietly, nothing created.
+        missing = DM_PREFIX + "zzmissing"
+        before = self.kernel_log().count("zz_dm-era")
+        script = self.script(tmp_path, "/dev/era-tool-test-missing", dm.meta, missing)
+        result = subprocess.run(["sh", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+        assert self.kernel_log().count("zz_dm-era") == before
+        assert sh("dmsetup", "info", missing, check=False) == ""
