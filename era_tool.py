@@ -1291,7 +1291,8 @@ class Destination:
         self.direct_fd = None
         if hasattr(os, "O_DIRECT"):
             try:
-                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                self.direct_fd = os.open(path, (os.O_RDWR if readable else os.O_WRONLY)
+                                         | os.O_DIRECT)
             except OSError:
                 pass                  # e.g. tmpfs: buffered writes only
 
@@ -1310,22 +1311,24 @@ class Destination:
             raise DeviceError("record at offset %d (%d bytes) is past the end of %s "
                               "(%d bytes)" % (offset, length, self.path, self.size))
 
-    def read(self, offset, length):
-        """The current content of a region (for the undo file)."""
-        data = b""
+    def read(self, offset, length, buffer):
+        """The current content of a region (for the undo file), read into aligned `buffer`."""
+        view = memoryview(buffer)[:length]
+        fd = self.fd
+        if self.direct_fd is not None and not (offset | length) % DIRECT_ALIGN:
+            fd = self.direct_fd       # no copy through the page cache
+        done = 0
         try:
-            while len(data) < length:
-                piece = os.pread(self.fd, length - len(data), offset + len(data))
-                if not piece:
-                    break
-                data += piece
+            while done < length:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if not got:
+                    raise DeviceError("%s ended at offset %d while saving its old content"
+                                      % (self.path, offset + done))
+                done += got
         except OSError as exc:
-            raise _os_error(exc, "read error at offset %d of %s" % (offset + len(data),
+            raise _os_error(exc, "read error at offset %d of %s" % (offset + done,
                                                                     self.path)) from None
-        if len(data) < length:
-            raise DeviceError("%s ended at offset %d while saving its old content"
-                              % (self.path, offset + len(data)))
-        return data
+        return view
 
     def write(self, offset, data):
         view = memoryview(data)
@@ -1918,6 +1921,7 @@ class UndoLog:
                               incoming.chunk_size, since_era=incoming.era, era=previous_era,
                               source_id=incoming.source_id, undo=True)
         self.chunk_size = incoming.chunk_size
+        self.buffer = aligned_buffer(self.chunk_size)     # reused for every region saved
         self.output = Output(path, exclusive=True)
         self.writer = StreamWriter(self.output, header)
         self.sync()
@@ -1927,7 +1931,7 @@ class UndoLog:
         stop = min(offset + length, self.dest.initial_size)
         while offset < stop:
             size = min(stop - offset, self.chunk_size)
-            self.writer.write_chunk(offset, self.dest.read(offset, size))
+            self.writer.write_chunk(offset, self.dest.read(offset, size, self.buffer))
             offset += size
 
     def sync(self):
@@ -2361,32 +2365,38 @@ def _apply_chunks(stream, header, dest, undo, progress):
 
 
 def _apply_with_undo(reader, dest, undo, progress):
-    done = 0
+    """Save each region's old content, sync the undo file once per batch, then overwrite."""
+    # The reader reuses its buffer: a batch's chunks wait in buffers of their own, allocated
+    # once (and aligned, so they can be written with O_DIRECT).
+    free = [aligned_buffer(reader.header.chunk_size)
+            for _ in range(max(1, UNDO_BATCH // reader.header.chunk_size))]
     pending = []          # chunks whose old content is saved but not yet synced
-    pending_bytes = 0
+    done = 0
     for offset, length, payload in reader:
         undo.save(offset, length)
-        # The reader reuses its buffer: keep a copy until the batch is written.
-        pending.append((offset, length, None if payload is None else bytes(payload)))
-        pending_bytes += length
-        if pending_bytes >= UNDO_BATCH:
-            _write_batch(dest, undo, pending)
-            pending_bytes = 0
+        buffer = None
+        if payload is not None:
+            buffer = free.pop()
+            buffer[:length] = payload
+        pending.append((offset, length, buffer))
+        if not free:
+            _write_batch(dest, undo, pending, free)
         done += length
         progress.update(done)
     if pending:
-        _write_batch(dest, undo, pending)
+        _write_batch(dest, undo, pending, free)
     progress.finish(done)
 
 
-def _write_batch(dest, undo, pending):
+def _write_batch(dest, undo, pending, free):
     # One fsync of the undo file for the whole batch, before any of it is overwritten.
     undo.sync()
-    for offset, length, data in pending:
-        if data is None:
+    for offset, length, buffer in pending:
+        if buffer is None:
             dest.write_zeros(offset, length)
         else:
-            dest.write(offset, data)
+            dest.write_aligned(offset, memoryview(buffer)[:length])
+            free.append(buffer)
     del pending[:]
 
 

@@ -1471,8 +1471,10 @@ class TestUndo:
         assert_one_line_error(err, "No space left on device", "rolled back")
         assert read(mirror) == old
 
-    def test_sigkill_then_rollback(self, tmp_path):
-        """Thirty kills at random moments: rollback always gives back the old mirror."""
+    def test_sigkill_then_rollback(self, tmp_path, small_chunks):
+        """Thirty kills at random moments: rollback always gives back the old mirror.
+
+        4 KiB chunks, synced three at a time: about two hundred points to die at."""
         case = UndoCase(tmp_path, blocks=256)
         small = make_stream(tmp_path, case.source, case.ranges + [(30, 200)], "--since-era",
                             "5", "--era", "9", "--source-id", "web1:root", name="k.era")
