@@ -18,6 +18,8 @@ Usage examples::
         | ssh backup python3 era_tool.py apply /backup/root.img
     # the first, full copy
     python3 era_tool.py copy --full 1024 /dev/mapper/root_era > full.era
+    # no era_invalidate: the list straight from the metadata snapshot
+    python3 era_tool.py copy --metadata /dev/meta --since 42 /dev/mapper/root_era > delta.era
     # check a stream without writing anything; show a mirror's era
     python3 era_tool.py info -i full.era
     python3 era_tool.py info /backup/root.img
