@@ -2966,6 +2966,42 @@ class DirectWriter(threading.Thread):
         assert self.error is None, self.error
 
 
+def chain_with_concurrent_writes(dm, tmp_path, one_pass, source_id, seed, size):
+    """A full copy, then three passes with a writer busy during each, then a last pass.
+
+    one_pass(name, node, mirror, since, before_copy) makes a pass and returns the era the
+    mirror then holds. After the writes stop and the last pass, the mirror must equal the
+    device byte for byte.
+    """
+    name, node = dm.era(size)
+    write_direct(node, 0, os.urandom(size))
+    mirror = tmp_path / "mirror.img"
+    writer = DirectWriter(node, size, seed=seed)
+    writer.start()
+    try:
+        era = full_pass(name, node, mirror, source_id)
+        during = []
+        for _ in range(3):
+            marks = {}
+
+            def mark():
+                marks["before"] = writer.writes
+
+            era = one_pass(name, node, mirror, era, mark)
+            during.append(writer.writes - marks["before"])
+            assert mirror_state(mirror)["era"] == era
+    finally:
+        writer.stop()
+    # The writer really wrote while each copy ran.
+    assert all(n > 0 for n in during), during
+    era = one_pass(name, node, mirror, era, None)
+    truth = read_direct(node, 0, size)
+    image = read_file(mirror)
+    assert image == truth, "differs at %s (writes: %d, during copies: %s)" % (
+        diff_offsets(image, truth), writer.writes, during)
+    assert mirror_state(mirror)["era"] == era
+
+
 @needs_dm_era
 class TestDmEraCopy:
     SIZE = 16 * MiB
@@ -3007,33 +3043,9 @@ class TestDmEraCopy:
         assert mirror_state(mirror)["era"] == era2 > era1
 
     def test_incremental_chain_with_concurrent_writes(self, dm, tmp_path):
-        name, node = dm.era(self.SIZE)
-        write_direct(node, 0, os.urandom(self.SIZE))
-        mirror = tmp_path / "mirror.img"
-        writer = DirectWriter(node, self.SIZE, seed=7)
-        writer.start()
-        try:
-            era = full_pass(name, node, mirror, "vm:chain")
-            during = []
-            for _ in range(3):
-                marks = {}
-
-                def mark():
-                    marks["before"] = writer.writes
-
-                era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:chain", before_copy=mark)
-                during.append(writer.writes - marks["before"])
-                assert mirror_state(mirror)["era"] == era
-        finally:
-            writer.stop()
-        # The writer really wrote while each copy ran.
-        assert all(n > 0 for n in during), during
-        era, _ = era_pass(name, node, dm.meta, mirror, era, "vm:chain")
-        truth = read_direct(node, 0, self.SIZE)
-        image = read_file(mirror)
-        assert image == truth, "differs at %s (writes: %d, during copies: %s)" % (
-            diff_offsets(image, truth), writer.writes, during)
-        assert mirror_state(mirror)["era"] == era
+        def one_pass(name, node, mirror, since, mark):
+            return era_pass(name, node, dm.meta, mirror, since, "vm:chain", before_copy=mark)[0]
+        chain_with_concurrent_writes(dm, tmp_path, one_pass, "vm:chain", 7, self.SIZE)
 
     def test_unreadable_region(self, dm, tmp_path):
         # linear | error | linear over the data disk: the 1 MiB at 4 MiB cannot be read.
@@ -3287,30 +3299,9 @@ class TestDmEraMetadata:
         assert result.stderr.decode().startswith("era_tool: error: no metadata snapshot")
 
     def test_chain_from_metadata_with_concurrent_writes(self, dm, tmp_path):
-        name, node = dm.era(self.SIZE)
-        write_direct(node, 0, os.urandom(self.SIZE))
-        mirror = tmp_path / "mirror.img"
-        writer = DirectWriter(node, self.SIZE, seed=8)
-        writer.start()
-        try:
-            era = full_pass(name, node, mirror, "vm:meta")
-            during = []
-            for _ in range(3):
-                marks = {}
-
-                def mark():
-                    marks["before"] = writer.writes
-
-                era = metadata_pass(name, node, dm.meta, mirror, era, "vm:meta",
-                                    before_copy=mark)
-                during.append(writer.writes - marks["before"])
-        finally:
-            writer.stop()
-        assert all(n > 0 for n in during), during
-        era = metadata_pass(name, node, dm.meta, mirror, era, "vm:meta")
-        truth = read_direct(node, 0, self.SIZE)
-        image = read_file(mirror)
-        assert image == truth, diff_offsets(image, truth)
+        def one_pass(name, node, mirror, since, mark):
+            return metadata_pass(name, node, dm.meta, mirror, since, "vm:meta", before_copy=mark)
+        chain_with_concurrent_writes(dm, tmp_path, one_pass, "vm:meta", 8, self.SIZE)
 
 
 # ---------------------------------------------------------------------------
