@@ -103,6 +103,7 @@ LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
 PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
 READ_AHEAD = 4                    # chunks in flight between the reading and writing threads
+READERS = 2                       # copy's reading threads: requests the disk has at once
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
 MAGIC = b"\x89ERA\r\n\x1a\n"      # high bit, CR LF, ^Z: catches text-mode damage
@@ -1142,8 +1143,22 @@ class Source:
                 os.close(self.fd)
                 raise DeviceError("%s is not a block device or regular file" % path)
             self.size = fd_size(self.fd)
+            if self.direct:
+                self._probe_direct()
         except OSError as exc:
             raise _os_error(exc, "cannot open %s" % path) from None
+
+    def _probe_direct(self):
+        """Some filesystems accept O_DIRECT at open and refuse the reads: find out now,
+        so that reads never switch descriptors (two threads read at once)."""
+        try:
+            os.preadv(self.fd, [aligned_buffer(DIRECT_ALIGN)], 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_RDONLY)
+            self._go_buffered()
 
     def _go_buffered(self):
         if self.direct and hasattr(os, "O_DIRECT"):
@@ -1165,12 +1180,6 @@ class Source:
             try:
                 got = os.preadv(self.fd, [view[done:want]], offset + done)
             except OSError as exc:
-                if exc.errno == errno.EINVAL and self.direct and done == 0:
-                    # Some filesystems accept O_DIRECT at open and refuse reads.
-                    os.close(self.fd)
-                    self.fd = os.open(self.path, os.O_RDONLY)
-                    self._go_buffered()
-                    return self.read(offset, length, buffer)
                 raise _os_error(exc, "read error at offset %d of %s" % (offset + done,
                                                                         self.path)) from None
             if got == 0:
@@ -1205,42 +1214,61 @@ class BufferPool:
 
 
 def read_ahead(source, spans, chunk_size):
-    """Yield (offset, view, span) for each chunk of the spans, read by a second thread.
+    """Yield (offset, view, span) for each chunk of the spans, in order, read by other threads.
 
     span is the (offset, length) being read when the chunk starts it, else None.
-
     The next chunks are read while this thread checks and writes the current
     one, so a copy costs about max(read, write) rather than their sum (the
-    reads, checksums and writes all release the GIL).  A view is valid until
-    the next one is asked for.
+    reads, checksums and writes all release the GIL); two readers keep two
+    requests in flight, which disks serve faster than one at a time.  A view
+    is valid until the next one is asked for.
     """
     pool = BufferPool(READ_AHEAD, chunk_size)
-    ready = queue.Queue()
+    requests = _chunk_requests(spans, chunk_size)
+    ready = {}                        # chunk number -> (offset, view, buffer, span) or error
+    arrived = threading.Condition()
+    numbering = threading.Lock()
+    issued = [0, None]                # chunks handed out; their total, once known
     stop = threading.Event()
 
     def reader():
-        try:
-            for span in spans:
-                offset, length = span
-                end = offset + length
-                while offset < end:
-                    buffer = pool.take()
-                    if stop.is_set():
-                        return
-                    size = min(chunk_size, end - offset)
-                    ready.put((offset, source.read(offset, size, buffer), buffer,
-                               span if offset == span[0] else None))
-                    offset += size
-            ready.put(None)
-        except BaseException as exc:   # handed over, raised in the main thread
-            ready.put(exc)
+        while True:
+            buffer = pool.take()      # before a number: the consumer can always go on
+            if buffer is None or stop.is_set():
+                return
+            with numbering:
+                request = next(requests, None)
+                number = issued[0]
+                if request is None:
+                    issued[1] = number
+                else:
+                    issued[0] += 1
+            if request is None:
+                pool.give(buffer)
+                with arrived:
+                    arrived.notify_all()
+                return
+            offset, size, span = request
+            try:
+                item = (offset, source.read(offset, size, buffer), buffer, span)
+            except BaseException as exc:   # handed over, raised in the main thread
+                item = exc
+            with arrived:
+                ready[number] = item
+                arrived.notify_all()
 
-    thread = threading.Thread(target=reader, name="era_tool reader", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=reader, name="era_tool reader", daemon=True)
+               for _ in range(READERS)]
+    for thread in threads:
+        thread.start()
     previous = None
+    number = 0
     try:
         while True:
-            item = ready.get()
+            with arrived:
+                while number not in ready and issued[1] != number:
+                    arrived.wait()
+                item = ready.pop(number, None)
             if previous is not None:
                 pool.give(previous)          # the consumer is done with it
                 previous = None
@@ -1249,11 +1277,25 @@ def read_ahead(source, spans, chunk_size):
             if isinstance(item, BaseException):
                 raise item
             offset, view, previous, span = item
+            number += 1
             yield offset, view, span
     finally:
         stop.set()
-        pool.give(None)                      # wakes a reader waiting for a buffer
-        thread.join()
+        for _ in threads:
+            pool.give(None)                  # wakes a reader waiting for a buffer
+        for thread in threads:
+            thread.join()
+
+
+def _chunk_requests(spans, chunk_size):
+    """(offset, size, span or None) for each chunk of the spans, in order."""
+    for span in spans:
+        offset, length = span
+        end = offset + length
+        while offset < end:
+            size = min(chunk_size, end - offset)
+            yield offset, size, span if offset == span[0] else None
+            offset += size
 
 
 class Destination:
