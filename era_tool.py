@@ -1690,7 +1690,6 @@ class StreamReader:
         self.chunks = 0
         self.data_bytes = 0
         self.zero_bytes = 0
-        self.complete = False
         self.record_start = inp.position
         self.last_chunk = None
 
@@ -1753,7 +1752,6 @@ class StreamReader:
                               % (data_bytes + zero_bytes, self.header.total_bytes))
         if not self.inp.at_end():
             raise StreamError("unexpected data after the end of the stream")
-        self.complete = True
 
 
 def iter_legacy(inp):
