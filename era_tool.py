@@ -1374,31 +1374,32 @@ class Destination:
                                                                     self.path)) from None
         return view
 
-    def write(self, offset, data):
+    def write(self, offset, data, fd=None):
+        """Write all of `data` at `offset`, through `fd` (default: the buffered one).
+
+        An O_DIRECT write refused with EINVAL is raised as it is, for
+        write_aligned to fall back on.
+        """
+        fd = self.fd if fd is None else fd
         view = memoryview(data)
         try:
             while len(view):
-                done = os.pwrite(self.fd, view, offset)
+                done = os.pwrite(fd, view, offset)
                 view = view[done:]
                 offset += done
                 self.written += done
         except OSError as exc:
+            if fd == self.direct_fd and exc.errno == errno.EINVAL:
+                raise
             raise _os_error(exc, "write error at offset %d of %s" % (offset, self.path)) from None
 
     def write_aligned(self, offset, view):
         """Write a chunk from an aligned buffer, with O_DIRECT where it fits."""
         if self.direct_fd is not None and not (offset | len(view)) % DIRECT_ALIGN:
             try:
-                while len(view):
-                    done = os.pwrite(self.direct_fd, view, offset)
-                    view = view[done:]
-                    offset += done
-                    self.written += done
+                self.write(offset, view, self.direct_fd)
                 return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise _os_error(exc, "write error at offset %d of %s"
-                                    % (offset, self.path)) from None
+            except OSError:
                 os.close(self.direct_fd)   # refused after all: buffered from now on
                 self.direct_fd = None
         self.write(offset, view)
@@ -2557,45 +2558,53 @@ def cmd_info(args):
             raise EraError("info shows a stream (-i) or a mirror (MIRROR), not both")
         return _mirror_info(args)
     inp, kind, first = _open_stream(args.input)
-    info = {}
     try:
         if kind is None:
             raise StreamError("the stream is empty")
-        if kind == "era":
-            header = read_header(inp, first)
-            info["format"] = "era_tool"
-            info.update(header.as_dict())
-            reader = StreamReader(inp, header)
-            try:
-                for _ in reader:
-                    pass
-            except EraError as exc:
-                info.update(chunks=reader.chunks, data_bytes=reader.data_bytes,
-                            zero_bytes=reader.zero_bytes, intact=False, problem=str(exc))
-                _print_info(info, args.json)
-                raise
-            info.update(chunks=reader.chunks, data_bytes=reader.data_bytes,
-                        zero_bytes=reader.zero_bytes, intact=True)
-        else:
-            info["format"] = "legacy"
-            records = data = 0
-            buffer = bytearray(LEGACY_PIECE)
-            try:
-                for record, (offset, length) in enumerate(iter_legacy(_Prefixed(inp, first))):
-                    for _ in read_legacy_data(inp, buffer, length, record):
-                        pass
-                    records += 1
-                    data += length
-            except EraError as exc:
-                info.update(records=records, data_bytes=data, intact=False, problem=str(exc))
-                _print_info(info, args.json)
-                raise
-            # The original format has no checks: it cannot be proven complete.
-            info.update(records=records, data_bytes=data, intact=None)
+        info, problem = (_scan_stream if kind == "era" else _scan_legacy)(inp, first)
+        if problem is not None:
+            info.update(intact=False, problem=str(problem))
+        # What was read is shown even when the stream turns out damaged.
         _print_info(info, args.json)
+        if problem is not None:
+            raise problem
     finally:
         inp.close()
     return 0
+
+
+def _scan_stream(inp, first):
+    """Read an era_tool stream through; return (info, the error that stopped it or None)."""
+    header = read_header(inp, first)
+    info = {"format": "era_tool"}
+    info.update(header.as_dict())
+    reader = StreamReader(inp, header)
+    problem = None
+    try:
+        for _ in reader:
+            pass
+    except EraError as exc:
+        problem = exc
+    info.update(chunks=reader.chunks, data_bytes=reader.data_bytes,
+                zero_bytes=reader.zero_bytes, intact=True)
+    return info, problem
+
+
+def _scan_legacy(inp, first):
+    """Read an original-format stream through; return (info, error or None)."""
+    records = data = 0
+    buffer = bytearray(LEGACY_PIECE)
+    problem = None
+    try:
+        for record, (offset, length) in enumerate(iter_legacy(_Prefixed(inp, first))):
+            for _ in read_legacy_data(inp, buffer, length, record):
+                pass
+            records += 1
+            data += length
+    except EraError as exc:
+        problem = exc
+    # The original format has no checks: it cannot be proven complete (intact None).
+    return {"format": "legacy", "records": records, "data_bytes": data, "intact": None}, problem
 
 
 def _mirror_info(args):
