@@ -69,10 +69,8 @@ checksum, no end marker.  apply reads both; copy --format legacy writes it.
 import argparse
 import array
 import errno
-import hashlib
 import io
 import itertools
-import json
 import mmap
 import os
 import queue
@@ -82,7 +80,6 @@ import struct
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ElementTree
 import zlib
 
 __version__ = "0.1.0"
@@ -356,6 +353,8 @@ def parse_block_list(stream):
     The whole list is read and checked before anything is copied: a list cut
     short (era_invalidate died) must never be mistaken for a short list.
     """
+    # Imported here: a command that reads no XML (apply) starts faster without it.
+    import xml.etree.ElementTree as ElementTree
     target = _BlockListTarget()
     parser = ElementTree.XMLParser(target=target)
     try:
@@ -1827,6 +1826,7 @@ def load_state(path):
     except OSError as exc:
         raise _os_error(exc, "cannot read state file %s" % path) from None
     try:
+        import json   # here, not at the top: most starts never need it (see _version)
         state = json.loads(data.decode("utf-8"))
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError("not an era_tool state file")
@@ -1921,6 +1921,7 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            import json
             data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
             view = memoryview(data)
             while len(view):
@@ -2163,6 +2164,7 @@ def cmd_copy(args):
     if args.device is None:
         blocks = ranges.blocks
         if args.json:
+            import json
             print(json.dumps({"bytes": blocks * block_bytes, "ranges": len(ranges),
                               "blocks": blocks}))
         else:
@@ -2634,6 +2636,7 @@ def _mirror_info(args):
 
 def _print_info(info, as_json):
     if as_json:
+        import json
         print(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
@@ -2655,6 +2658,7 @@ def _print_info(info, as_json):
 
 
 def _version():
+    import hashlib   # only --version needs it; importing costs every start 2 ms
     try:
         with open(os.path.abspath(__file__), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -2744,14 +2748,59 @@ examples:
 """
 
 
+def _help_width():
+    """The width argparse would use (as shutil.get_terminal_size), found once.
+
+    argparse makes a formatter for every add_argument and asks shutil for the
+    terminal size each time; importing shutil (with bz2 and lzma) and asking
+    forty times costs every start about 2 ms.
+    """
+    if not _HELP_WIDTH:
+        try:
+            columns = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        _HELP_WIDTH.append((columns or 80) - 2)
+    return _HELP_WIDTH[0]
+
+
+_HELP_WIDTH = []
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width or _help_width())
+
+
+class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """Epilogs with examples keep their lines."""
+
+
+class _VersionAction(argparse.Action):
+    """--version, with the file's digest computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and the script's sha256, and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(_version() + "\n")
+        parser.exit()
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="era_tool",
+        prog="era_tool", formatter_class=_HelpFormatter,
         description="Incremental backups of raw block devices with Linux dm-era: copy the "
                     "blocks era_invalidate lists into a checked stream, apply it to a mirror.",
         epilog="exit codes: 0 success, 1 error, 2 usage error, 130 interrupted. "
                "Run 'era_tool COMMAND --help' for each command.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -2760,7 +2809,7 @@ def build_parser():
         description="Read era_invalidate's XML block list (stdin or -i) and copy those blocks "
                     "of DEVICE into a stream (stdout or -o). Without DEVICE, print how many "
                     "bytes would be copied. The whole list is checked before any data moves.",
-        epilog=COPY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=COPY_EPILOG, formatter_class=_RawHelpFormatter)
     copy.add_argument("block_size", metavar="BLOCK_SIZE", nargs="?",
                       help="dm-era block size in 512-byte sectors (the last number of "
                            "'dmsetup table' for the era device); optional with --metadata")
@@ -2802,7 +2851,7 @@ def build_parser():
         description="Apply a stream (era_tool or original era_copy format, detected) to "
                     "DESTINATION: every chunk is verified before it is written. A missing "
                     "file is created and a file is grown to the source size.",
-        epilog=APPLY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=APPLY_EPILOG, formatter_class=_RawHelpFormatter)
     apply_.add_argument("destination", metavar="DESTINATION",
                         help="mirror file (created if missing) or block device (opened "
                              "exclusively: a mounted one is refused)")
@@ -2834,7 +2883,7 @@ def build_parser():
                     "in era_invalidate's XML, so it can stand in for era_invalidate. By "
                     "default the metadata snapshot is read (take_metadata_snap first); every "
                     "block read is checked (checksums, magic, structure).",
-        epilog=BLOCKS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=BLOCKS_EPILOG, formatter_class=_RawHelpFormatter)
     blocks.add_argument("--metadata", metavar="META_DEV", required=True,
                         help="the dm-era metadata device (or a copy of it)")
     blocks.add_argument("--since", type=_era, metavar="ERA", required=True,
@@ -2850,7 +2899,7 @@ def build_parser():
         description="Restore DESTINATION byte for byte to its state before the apply that "
                     "wrote UNDO_FILE, from a complete undo file or one cut short by a killed "
                     "or crashed apply, and restore its recorded era.",
-        epilog=ROLLBACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=ROLLBACK_EPILOG, formatter_class=_RawHelpFormatter)
     rollback.add_argument("undo_file", metavar="UNDO_FILE", help="written by apply --undo")
     rollback.add_argument("destination", metavar="DESTINATION", help="the mirror")
     rollback.add_argument("--state", metavar="FILE",
@@ -2864,7 +2913,7 @@ def build_parser():
         "info", help="describe and verify a stream without writing anything",
         description="Print a stream's header, read it through and report its chunks, bytes "
                     "and whether it is intact. Exit 1 if it is damaged or cut short.",
-        epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=INFO_EPILOG, formatter_class=_RawHelpFormatter)
     info.add_argument("-i", "--input", metavar="STREAM",
                       help="read the stream from STREAM instead of standard input")
     info.add_argument("mirror", metavar="MIRROR", nargs="?",
