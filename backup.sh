@@ -23,7 +23,9 @@
 #   KEEP_UNDO        keep undo files of the last N passes beside the mirror, dated (default: 0, none); with
 #                    N >= 1 every pass is all-or-nothing, and older versions can be stepped back to
 #
-# HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze: era_tool reads the dm-era metadata itself.
+# HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze and flock: era_tool reads the dm-era metadata
+# itself. With MOUNTPOINT, /run/era_tool-backup.DEV on HOST (DEV: the filesystem's device number) records whose
+# freeze is in effect.
 # The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
 # recorded by `era_tool.py apply` only after the data is on disk. Exit 0: the mirror is complete and, with
 # MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
@@ -103,11 +105,28 @@ G=$(q "$GRANULARITY") TIMEOUT=$(q "$FREEZE_TIMEOUT")
 export PYTHONDONTWRITEBYTECODE=1
 for t in /dev/shm /run "\${TMPDIR:-/tmp}"; do d=\$(mktemp -d "\$t/era_backup.XXXXXX" 2>/dev/null) && break; done
 [ -n "\${d:-}" ] || { echo "backup.sh (remote): cannot make a temporary directory" >&2; exit 1; }
-snap=0 frozen=0 watchdog=
+snap=0 frozen=0 watchdog= record=
+# A freeze is thawed only by its own run or its own timer. The record (a file per filesystem, in a fixed
+# place) holds the pid of the thaw timer of the run whose freeze is in effect, and is emptied at the thaw;
+# it is read and written under flock. A timer that outlived its run (a remote shell killed by SIGKILL never
+# runs its trap) must not thaw a later run's freeze: that run's final pass would be copied unfrozen.
+# Exit status: 0 thawed; 2 not ours (our timer thawed it after TIMEOUT); else fsfreeze -u failed, it was not
+# frozen any more (someone thawed it by hand).
+thaw() (
+    exec 9<>"\$record"
+    flock 9 || exit 1
+    [ "\$(cat "\$record")" = "\$watchdog" ] || exit 2
+    rc=0
+    fsfreeze -u "\$MP" || rc=\$?
+    # Only after the thaw: were /run on the frozen filesystem, a write there would wait for the thaw.
+    : > "\$record"
+    exit "\$rc"
+)
 cleanup() {
     rc=\$?
-    # A thaw that fails found the filesystem thawed already, by the timer (which otherwise still will).
-    if [ "\$frozen" = 1 ]; then fsfreeze -u "\$MP" 2>/dev/null || true; fi
+    # Through thaw: after TIMEOUT the freeze is not ours any more (our timer thawed it, a later run may have
+    # frozen it since).
+    if [ "\$frozen" = 1 ]; then thaw 2>/dev/null || true; fi
     if [ -n "\$watchdog" ]; then kill -- "-\$watchdog" 2>/dev/null || true; fi
     if [ "\$snap" = 1 ]; then dmsetup message "\$ERA" 0 drop_metadata_snap || rc=1; fi
     rm -rf "\$d"
@@ -152,14 +171,29 @@ remote_copy() {
     remote <<EOF
 freeze=$(q "$([ "$kind" = frozen ] && echo 1 || echo 0)")
 if [ "\$freeze" = 1 ]; then
+    # The record of MP's freeze (see thaw): named by the filesystem's device number, so that every run
+    # finds the same one however MOUNTPOINT is spelled.
+    dev=\$(python3 -c 'import os, sys; print(os.stat(sys.argv[1]).st_dev)' "\$MP")
+    record=/run/era_tool-backup.\$dev
     # The thaw must not depend on this connection: a timer in a session of its own thaws after TIMEOUT
-    # whatever happens to this shell. Its pid is its process group, so killing the group stops it.
-    setsid sh -c 'echo \$\$ > "\$3"; sleep "\$1"; fsfreeze -u "\$2" 2>/dev/null' era_tool-thaw \
-        "\$TIMEOUT" "\$MP" "\$d/watchdog" </dev/null >/dev/null 2>&1 &
+    # whatever happens to this shell, if the record still names it (else the freeze is a later run's).
+    # Its pid is its process group, so killing the group stops it.
+    setsid sh -c 'echo \$\$ > "\$3"; sleep "\$1"; exec 9<>"\$4"; flock 9
+        if [ "\$(cat "\$4")" = \$\$ ]; then fsfreeze -u "\$2" 2>/dev/null; : > "\$4"; fi' era_tool-thaw \
+        "\$TIMEOUT" "\$MP" "\$d/watchdog" "\$record" </dev/null >/dev/null 2>&1 &
     while [ ! -s "\$d/watchdog" ]; do sleep 1; done
     watchdog=\$(cat "\$d/watchdog")
-    fsfreeze -f "\$MP"
+    # Set before the freeze, so that the cleanup thaws whenever the record names our timer.
     frozen=1
+    (
+        exec 9<>"\$record"
+        flock 9
+        # Ours before the freeze, so that our timer thaws it even if this shell dies right after it.
+        old=\$(cat "\$record")
+        echo "\$watchdog" > "\$record"
+        # A failed freeze (MP still frozen by a run that died, say) gives the record back, to its timer.
+        fsfreeze -f "\$MP" || { printf '%s\n' "\$old" > "\$record"; exit 1; }
+    )
 fi
 snapshot
 copy() {
@@ -178,13 +212,16 @@ status=\$( { { rc=0; copy || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )
 exec 3>&-
 [ "\$status" = 0 ] || { echo "backup.sh (remote): copy failed (exit \$status)" >&2; exit 1; }
 if [ "\$freeze" = 1 ]; then
-    if ! kill -0 "\$watchdog" 2>/dev/null; then
+    thawed=0
+    thaw || thawed=\$?
+    frozen=0
+    if [ "\$thawed" = 2 ]; then
         echo "backup.sh (remote): the copy outlasted FREEZE_TIMEOUT (\$TIMEOUT s): the filesystem was thawed during it" >&2
-        frozen=0
+        exit 1
+    elif [ "\$thawed" != 0 ]; then
+        echo "backup.sh (remote): \$MP was thawed during the copy, not by backup.sh" >&2
         exit 1
     fi
-    fsfreeze -u "\$MP"
-    frozen=0
 fi
 EOF
 }

@@ -3467,6 +3467,58 @@ class TestDmEraBackupScript:
         assert rig.fsck() == 0
         assert era_status(rig.name)[1] == "-"
 
+    def test_stale_timer_cannot_thaw_a_later_freeze(self, rig):
+        # A run whose remote shell dies by SIGKILL while frozen: its thaw timer lives on. It
+        # started before the freeze, so it fires before `due`.
+        timeout = 16
+        rig.arm(120)
+        first = rig.start(FREEZE_TIMEOUT=timeout)
+        copy = rig.wait_for_copy(first)
+        os.kill(int(read_file(rig.ssh_pids).split()[-1]), signal.SIGKILL)
+        os.kill(copy, signal.SIGKILL)
+        first.communicate(timeout=120)
+        assert first.returncode != 0
+        due = rig.freezes()[0][0] + timeout
+        [stale] = thaw_timers()
+        # Thawed by hand, as an admin finding it frozen would, and backed up again at once; this
+        # copy is held from later than now until after `due`.
+        sh("fsfreeze", "-u", rig.mnt)
+        thawed = time.time()
+        os.unlink(rig.copy_pid)
+        rig.arm(int(due + 2 - thawed))
+        second = rig.start()       # FREEZE_TIMEOUT=60
+        rig.wait_for_copy(second)
+        probe = WriteProbe(rig.mnt)
+        assert not probe.done.wait(0.5), "the filesystem is not frozen during the final pass"
+        print("frozen again %.2f s after the thaw by hand, %.2f s before the stale timer was due"
+              % (rig.freezes()[0][0] - thawed, due - rig.freezes()[0][0]))
+        assert stale in thaw_timers(), "the stale timer fired before the freeze: nothing tested"
+        deadline = time.monotonic() + 30
+        while stale in thaw_timers():
+            assert time.monotonic() < deadline, "the stale timer is still there"
+            time.sleep(0.1)
+        # It has done what it would: the second run's freeze must hold to the end of its copy.
+        assert not probe.done.wait(1), \
+            "the killed run's timer thawed the next run's freeze: %s" % rig.freezes()
+        stdout, stderr = second.communicate(timeout=120)
+        assert second.returncode == 0, stderr
+        assert [(op, rc, by) for _, op, rc, by in rig.freezes()] == [("-f", 0, "shell"),
+                                                                     ("-u", 0, "shell")]
+        assert probe.done.wait(10)
+        assert rig.fsck() == 0
+
+
+def thaw_timers():
+    """The pids of the thaw timers backup.sh starts (sh -c SCRIPT era_tool-thaw ...)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"\0era_tool-thaw\0" in read_file("/proc/%s/cmdline" % pid):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
 
 def kill_if(pidfile, marker):
     """SIGKILL the process in pidfile if it is still there and its command line has marker."""
@@ -3514,9 +3566,11 @@ class Rig:
         self.copy_pid = str(rig / "copy.pid")
         self.ssh_pids = str(rig / "ssh.pids")
         self.ssh = str(rig / "ssh")
+        # backup.sh's lock on the mirror (its fd 9) stays on this side, as with a real ssh: a
+        # thaw timer that outlives its remote shell must not hold it.
         with open(self.ssh, "w") as f:
             f.write('#!/bin/sh\n# ssh HOST COMMAND, run here\necho $$ >> %s\nshift\n'
-                    'PATH=%s:$PATH exec sh -c "$1"\n' % (self.ssh_pids, rig / "bin"))
+                    'PATH=%s:$PATH exec sh -c "$1" 9>&-\n' % (self.ssh_pids, rig / "bin"))
         # One process from the hold to the copy (os.execv): killing it leaves nothing behind
         # that holds the pipes of the remote shell.
         hold = ("import os, sys, time\n"
