@@ -99,7 +99,7 @@ BLOCK_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
 PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
-READ_AHEAD = 4                    # chunks in flight between the reading and writing threads
+READ_AHEAD = 4                    # copy: buffers between its reading threads and its writer
 READERS = 2                       # copy's reading threads: requests the disk has at once
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
@@ -1586,16 +1586,21 @@ class LegacyWriter:
 
 
 class Input:
-    """A binary input with exact reads and a byte count for messages."""
+    """A binary input with exact reads and a byte count for messages.
+
+    Unbuffered: payloads are read straight into the caller's (aligned) buffer.
+    Through a buffer, a quarter of every 4 MiB chunk was copied twice, and on
+    a VM that extra memory traffic slows the O_DIRECT writes running beside it.
+    """
 
     def __init__(self, path):
         if path is None or path == "-":
-            self.file = io.open(sys.stdin.fileno(), "rb", buffering=1 << 20, closefd=False)
+            self.file = io.open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
             self.name = "standard input"
             widen_pipe(sys.stdin.fileno())
         else:
             try:
-                self.file = io.open(path, "rb", buffering=1 << 20)
+                self.file = io.open(path, "rb", buffering=0)
             except OSError as exc:
                 raise _os_error(exc, "cannot open %s" % path) from None
             self.name = path
@@ -2393,8 +2398,10 @@ def _apply_chunks(stream, header, dest, undo, progress):
     if undo is not None:
         _apply_with_undo(StreamReader(stream, header), dest, undo, progress)
         return
-    count = max(2, min(READ_AHEAD, (32 << 20) // header.chunk_size))
-    pool = BufferPool(count, header.chunk_size)
+    # Two buffers: one being written while the next is read and checked.  More
+    # bought nothing (reading a chunk is faster than writing it), and each one
+    # is memory first touched during the run (measured: four were slower).
+    pool = BufferPool(2, header.chunk_size)
     writer = ChunkWriter(dest, pool)
     done = 0
     try:
