@@ -99,7 +99,7 @@ BLOCK_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"
 LEGACY_PIECE = 4 << 20            # legacy records are copied in these pieces
 XML_READ = 1 << 16                # block list is fed to the parser in these
 PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
-READ_AHEAD = 4                    # copy: buffers between its reading threads and its writer
+READ_AHEAD = 4                    # buffers between a reading and a writing thread
 READERS = 2                       # copy's reading threads: requests the disk has at once
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 
@@ -1605,6 +1605,10 @@ class Input:
                 raise _os_error(exc, "cannot open %s" % path) from None
             self.name = path
         self.position = 0
+        try:
+            self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)
+        except OSError:
+            self.regular = False
 
     def read_into(self, view):
         """Fill `view`; return how many bytes were read (less only at the end)."""
@@ -2398,10 +2402,12 @@ def _apply_chunks(stream, header, dest, undo, progress):
     if undo is not None:
         _apply_with_undo(StreamReader(stream, header), dest, undo, progress)
         return
-    # Two buffers: one being written while the next is read and checked.  More
-    # bought nothing (reading a chunk is faster than writing it), and each one
-    # is memory first touched during the run (measured: four were slower).
-    pool = BufferPool(2, header.chunk_size)
+    # From a file, two buffers: one being written while the next is read and
+    # checked; reading a chunk is faster than writing it, so more buy nothing and
+    # each is memory first touched during the run (measured: four were slower).
+    # A pipe (ssh) delivers in bursts: spare buffers let it be drained while the
+    # writer is busy (measured: two were slower there).
+    pool = BufferPool(2 if stream.regular else READ_AHEAD, header.chunk_size)
     writer = ChunkWriter(dest, pool)
     done = 0
     try:
