@@ -69,6 +69,7 @@ checksum, no end marker.  apply reads both; copy --format legacy writes it.
 import argparse
 import array
 import errno
+import functools
 import io
 import itertools
 import mmap
@@ -1605,10 +1606,6 @@ class Input:
                 raise _os_error(exc, "cannot open %s" % path) from None
             self.name = path
         self.position = 0
-        try:
-            self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)
-        except OSError:
-            self.regular = False
 
     def read_into(self, view):
         """Fill `view`; return how many bytes were read (less only at the end)."""
@@ -2407,7 +2404,8 @@ def _apply_chunks(stream, header, dest, undo, progress):
     # each is memory first touched during the run (measured: four were slower).
     # A pipe (ssh) delivers in bursts: spare buffers let it be drained while the
     # writer is busy (measured: two were slower there).
-    pool = BufferPool(2 if stream.regular else READ_AHEAD, header.chunk_size)
+    from_file = stat.S_ISREG(os.fstat(stream.file.fileno()).st_mode)
+    pool = BufferPool(2 if from_file else READ_AHEAD, header.chunk_size)
     writer = ChunkWriter(dest, pool)
     done = 0
     try:
@@ -2761,6 +2759,7 @@ examples:
 """
 
 
+@functools.lru_cache(maxsize=None)
 def _help_width():
     """The width argparse would use (as shutil.get_terminal_size), found once.
 
@@ -2768,21 +2767,16 @@ def _help_width():
     terminal size each time; importing shutil (with bz2 and lzma) and asking
     forty times costs every start about 2 ms.
     """
-    if not _HELP_WIDTH:
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
         try:
-            columns = int(os.environ.get("COLUMNS", "0"))
-        except ValueError:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
             columns = 0
-        if columns <= 0:
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-            except (AttributeError, ValueError, OSError):
-                columns = 0
-        _HELP_WIDTH.append((columns or 80) - 2)
-    return _HELP_WIDTH[0]
-
-
-_HELP_WIDTH = []
+    return (columns or 80) - 2
 
 
 class _HelpFormatter(argparse.HelpFormatter):
