@@ -103,6 +103,7 @@ PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
 READ_AHEAD = 4                    # buffers between a reading and a writing thread
 READERS = 2                       # copy's reading threads: requests the disk has at once
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
+OUTPUT_STAGE = 4 << 20            # the undo file is written with O_DIRECT in pieces this big
 
 MAGIC = b"\x89ERA\r\n\x1a\n"      # high bit, CR LF, ^Z: catches text-mode damage
 FORMAT_VERSION = 1
@@ -1430,10 +1431,24 @@ class Destination:
 
 
 class Output:
-    """Where a stream goes: a file descriptor written with full writes."""
+    """Where a stream goes: a file descriptor written with full writes.
 
-    def __init__(self, path, exclusive=False):
+    direct: a file this creates is written with O_DIRECT, through an aligned
+    staging buffer, for the undo file, which is synced every UNDO_BATCH bytes:
+    no copy into the page cache, and little left to flush at each sync
+    (measured: apply --undo 25% faster).  A stream file is not: written once
+    and synced once at the end, the page cache lets its writing wait until the
+    reading is done, and a disk that both reads and writes at once is slower
+    (measured: copy -o 13% slower with O_DIRECT).  The last, partial block
+    of a sync goes through the page cache and stays staged: once full, it is
+    written again, whole and with O_DIRECT; the bytes already there are the
+    same, so a crash at any moment leaves what was synced intact.
+    """
+
+    def __init__(self, path, exclusive=False, label=None, direct=False):
         self.path = path
+        self.direct_fd = None
+        self.stage = None             # aligned staging buffer, or None: plain writes
         if path is None or path == "-":
             self.fd = sys.stdout.fileno()
             self.name = "standard output"
@@ -1448,16 +1463,39 @@ class Output:
                 raise EraError("%s already exists; refusing to overwrite it" % path) from None
             except OSError as exc:
                 raise _os_error(exc, "cannot create %s" % path) from None
-            self.name = path
+            self.name = path if label is None else "%s %s" % (label, path)
             self.created = True
         if os.isatty(self.fd):
             raise EraError("refusing to write a stream to a terminal; "
                            "redirect it or use -o FILE")
+        if direct and self.created:
+            self._open_direct()
+
+    def _open_direct(self):
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode) or not hasattr(os, "O_DIRECT"):
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            return                    # e.g. tmpfs on older kernels: plain writes
+        again = os.fstat(fd)
+        if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
+            os.close(fd)              # the name was replaced between the two opens
+            return
+        self.direct_fd = fd
+        self.stage = aligned_buffer(OUTPUT_STAGE)
+        self.staged = memoryview(self.stage)
+        self.fill = 0                 # bytes in the stage
+        self.base = 0                 # where stage[0] goes in the file
 
     def write(self, *pieces):
         try:
             for piece in pieces:
                 view = memoryview(piece)
+                if self.stage is not None:
+                    self._add(view)
+                    continue
                 while len(view):
                     view = view[os.write(self.fd, view):]
         except BrokenPipeError:
@@ -1466,22 +1504,73 @@ class Output:
         except OSError as exc:
             raise _os_error(exc, "cannot write to %s" % self.name) from None
 
+    def _add(self, view):
+        size = len(self.stage)
+        while len(view):
+            count = min(size - self.fill, len(view))
+            self.staged[self.fill:self.fill + count] = view[:count]
+            self.fill += count
+            view = view[count:]
+            if self.fill == size:
+                self._drain(size)
+
+    def _drain(self, count):
+        """Write the first `count` staged bytes (whole blocks); keep the rest staged."""
+        self._put(self.staged[:count], self.base)
+        rest = self.fill - count
+        # rest < DIRECT_ALIGN <= count: the two regions do not overlap.
+        self.staged[:rest] = self.staged[count:self.fill]
+        self.fill = rest
+        self.base += count
+
+    def _put(self, view, offset):
+        while len(view):
+            fd = self.fd if self.direct_fd is None else self.direct_fd
+            try:
+                done = os.pwrite(fd, view, offset)
+            except OSError as exc:
+                if fd != self.direct_fd or exc.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct_fd)   # refused after all: through the page cache
+                self.direct_fd = None
+                continue
+            view = view[done:]
+            offset += done
+
+    def sync(self):
+        """Make every byte written so far durable."""
+        try:
+            if self.stage is not None:
+                whole = self.fill - self.fill % DIRECT_ALIGN
+                if whole:
+                    self._drain(whole)
+                if self.fill:
+                    written = 0
+                    while written < self.fill:
+                        written += os.pwrite(self.fd, self.staged[written:self.fill],
+                                             self.base + written)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _os_error(exc, "cannot sync %s" % self.name) from None
+
     def finish(self):
         if self.created:
-            try:
-                os.fsync(self.fd)
-            except OSError as exc:
-                raise _os_error(exc, "cannot sync %s" % self.name) from None
+            self.sync()
 
     def close(self, failed=False):
-        if self.created:
-            os.close(self.fd)
-            if failed:
-                # Half a stream file is worse than none: remove it.
-                try:
-                    os.unlink(self.path)
-                except OSError:
-                    pass
+        if not self.created or self.fd is None:
+            return
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+        os.close(self.fd)
+        self.fd = None
+        if failed:
+            # Half a stream file is worse than none: remove it.
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------
@@ -1972,7 +2061,7 @@ class UndoLog:
                               source_id=incoming.source_id, undo=True)
         self.chunk_size = incoming.chunk_size
         self.buffer = aligned_buffer(self.chunk_size)     # reused for every region saved
-        self.output = Output(path, exclusive=True)
+        self.output = Output(path, exclusive=True, label="undo file", direct=True)
         self.writer = StreamWriter(self.output, header)
         self.sync()
 
@@ -1985,20 +2074,15 @@ class UndoLog:
             offset += size
 
     def sync(self):
-        try:
-            os.fsync(self.output.fd)
-        except OSError as exc:
-            raise _os_error(exc, "cannot sync undo file %s" % self.path) from None
+        self.output.sync()
 
     def finish(self):
         self.writer.finish()
-        self.sync()
+        self.output.finish()
         self.close()
 
     def close(self):
-        if self.output.fd is not None:
-            os.close(self.output.fd)
-            self.output.fd = None
+        self.output.close()
 
 
 def read_undo(path):

@@ -1479,7 +1479,7 @@ class TestUndo:
         small = make_stream(tmp_path, case.source, case.ranges + [(30, 200)], "--since-era",
                             "5", "--era", "9", "--source-id", "web1:root", name="k.era")
         script = ("import sys; sys.path.insert(0, %r); import era_tool; "
-                  "era_tool.UNDO_BATCH = 3 * 4096; "
+                  "era_tool.UNDO_BATCH = 3 * 4096; era_tool.OUTPUT_STAGE = 2 * 4096; "
                   "sys.exit(era_tool.main(['apply', '--undo', %r, %r]))"
                   % (HERE, case.undo, case.mirror))
         rng = random.Random(82)
@@ -1588,6 +1588,89 @@ def run_backup(tmp_path, settings, env=None):
     clean.update(env or {})
     return subprocess.run(["bash", BACKUP, path], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=clean, timeout=60)
+
+
+def resident_bytes(path):
+    """Bytes of a file held in the page cache, as util-linux fincore reports them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         stdout=subprocess.PIPE, check=True, universal_newlines=True).stdout
+    return int(out.split()[0])
+
+
+class TestUndoFileWrites:
+    """The undo file goes to disk with O_DIRECT through a staging buffer; syncs keep it whole."""
+
+    @pytest.fixture
+    def direct_dir(self, tmp_path):
+        if _refuses_direct(str(tmp_path)):
+            pytest.skip("%s refuses O_DIRECT" % tmp_path)
+        return tmp_path
+
+    def test_undo_file_bypasses_page_cache(self, direct_dir, monkeypatch):
+        monkeypatch.setattr(era_tool, "OUTPUT_STAGE", 4 * 4096)   # many stage-fulls
+        case = UndoCase(direct_dir, blocks=64)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        size = os.path.getsize(case.undo)
+        assert size > 16 * BLOCK
+        # At most the last, partial block (written through the cache at the final sync).
+        assert resident_bytes(case.undo) <= 4096, (resident_bytes(case.undo), size)
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+
+    def test_sync_makes_the_staged_tail_durable(self, direct_dir, monkeypatch):
+        monkeypatch.setattr(era_tool, "OUTPUT_STAGE", 4 * 4096)
+        path = direct_dir / "undo"
+        out = era_tool.Output(str(path), exclusive=True, direct=True)
+        assert out.direct_fd is not None
+        data = random_bytes(100000, 90)
+        written = 0
+        for piece in (5000, 1, 4095, 40000, 3, 16384, 34517):
+            out.write(data[written:written + piece])
+            written += piece
+            out.sync()
+            # Everything written so far is in the file, and nothing else.
+            assert read(path) == data[:written], written
+        out.finish()
+        out.close()
+        assert written == len(data) and read(path) == data
+
+    def test_direct_write_refused_midway(self, direct_dir, monkeypatch):
+        monkeypatch.setattr(era_tool, "OUTPUT_STAGE", 2 * 4096)
+        path = direct_dir / "undo"
+        out = era_tool.Output(str(path), exclusive=True, direct=True)
+        direct_fd = out.direct_fd
+        real_pwrite = os.pwrite
+        calls = []
+
+        def refuse_direct(fd, data, offset):
+            calls.append(fd)
+            if fd == direct_fd and len(calls) > 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+        monkeypatch.setattr(era_tool.os, "pwrite", refuse_direct)
+        data = random_bytes(50000, 91)
+        for start in range(0, len(data), 7000):
+            out.write(data[start:start + 7000])
+        out.finish()
+        out.close()
+        assert calls.count(direct_fd) == 3 and out.direct_fd is None
+        assert read(path) == data
+
+    def test_direct_open_refused(self, direct_dir, monkeypatch):
+        real_open = os.open
+
+        def no_direct(path, flags, *rest):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *rest)
+        monkeypatch.setattr(era_tool.os, "open", no_direct)
+        case = UndoCase(direct_dir)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        monkeypatch.undo()
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
 
 
 class TestBackupSettings:
