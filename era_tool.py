@@ -3066,5 +3066,28 @@ def main(argv=None):
         return 1
 
 
+def exit_now(code):
+    """Flush what Python buffers (stdout, stderr), then exit without the interpreter's teardown.
+
+    The teardown (modules, threads, buffers) costs 4 ms at every exit, measured,
+    and nothing is left to it: every file this tool writes is written with
+    os.write and closed, or synced, before main returns.  A failed flush of
+    standard output (a full disk, a closed pipe) is an error, not lost output.
+    """
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as exc:
+        sys.stderr.write("era_tool: error: cannot write to standard output: %s\n"
+                         % (exc.strerror or exc))
+        code = code or 1
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -1293,6 +1293,29 @@ class TestCommandLine:
         assert run_cli(["frobnicate"]).returncode == 2
         assert run_cli(["apply"]).returncode == 2
 
+    @pytest.mark.parametrize("unbuffered", ["", "1"])
+    def test_output_is_flushed_at_exit(self, tmp_path, unbuffered):
+        # Block-buffered stdout (no PYTHONUNBUFFERED): everything printed reaches the file.
+        env = dict(os.environ, PYTHONUNBUFFERED=unbuffered)
+        stream = write(tmp_path / "s.era", make_stream(
+            tmp_path, write(tmp_path / "dev", random_bytes(8 * BLOCK, 95)), [(0, 8)]))
+        with open(tmp_path / "info.txt", "wb") as out:
+            result = subprocess.run([sys.executable, TOOL, "info", "-i", stream], stdout=out,
+                                    stderr=subprocess.PIPE, env=env)
+        assert result.returncode == 0 and result.stderr == b""
+        lines = read(tmp_path / "info.txt").decode().splitlines()
+        assert lines[0].startswith("format:") and lines[-1].startswith("intact:"), lines
+
+    @pytest.mark.parametrize("unbuffered", ["", "1"])
+    def test_full_stdout_is_an_error(self, unbuffered):
+        env = dict(os.environ, PYTHONUNBUFFERED=unbuffered)
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run([sys.executable, TOOL, "copy", "8"], stdout=full,
+                                    stderr=subprocess.PIPE, env=env,
+                                    input=blocks_xml([(0, 4)]))
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "No space left on device")
+
     def test_interrupt_exits_130(self, tmp_path):
         # apply waits on a pipe that stays open; Ctrl-C must give 130, no traceback.
         proc = subprocess.Popen([sys.executable, TOOL, "apply", str(tmp_path / "m")],
