@@ -1787,6 +1787,7 @@ class StreamReader:
         self.zero_bytes = 0
         self.record_start = inp.position
         self.last_chunk = None
+        self.next_offset = 0      # chunks come in offset order and never overlap
 
     def __iter__(self):
         """Yield (offset, length, payload or None for zeros)."""
@@ -1809,6 +1810,12 @@ class StreamReader:
             if not 0 < length <= header.chunk_size or offset + length > header.device_size:
                 raise StreamError("%s: damaged chunk header (offset %d, length %d)"
                                   % (where, offset, length))
+            if offset < self.next_offset:
+                # copy never writes one: a region twice would make an undo file,
+                # applied as a stream, put back the newer of its two contents.
+                raise StreamError("%s: damaged chunk header (offset %d is before the end "
+                                  "of the chunk before it, %d)" % (where, offset,
+                                                                  self.next_offset))
             if tag == TAG_DATA:
                 payload = memoryview(self.take_buffer())[:length]
                 if inp.read_into(payload) < length:
@@ -1824,6 +1831,7 @@ class StreamReader:
             self.last_chunk = (tag, seq, offset, length, crc, inp.position - (
                 length if payload is not None else 0))
             self.chunks += 1
+            self.next_offset = offset + length
             if payload is None:
                 self.zero_bytes += length
             else:

@@ -852,6 +852,25 @@ class TestDamage:
         assert_one_line_error(err, "chunk 0", "numbered 1")
         assert result == old
 
+    @pytest.mark.parametrize("second", [BLOCK, 0])
+    def test_chunk_going_back_refused(self, tmp_path, capsys, second):
+        # Checksums and numbers all valid; the second chunk overlaps or precedes the first.
+        path = tmp_path / "o.era"
+        out = era_tool.Output(str(path))
+        writer = era_tool.StreamWriter(out, era_tool.StreamHeader(8 * BLOCK, 3 * BLOCK,
+                                                                  BLOCK_SECTORS))
+        writer.write_chunk(BLOCK, random_bytes(2 * BLOCK, 96))
+        writer.write_chunk(second, random_bytes(BLOCK, 97))
+        writer.finish()
+        out.finish()
+        out.close()
+        code, _, err = run_main(["apply", "-i", str(path), str(tmp_path / "m")], capsys)
+        assert code == 1
+        assert_one_line_error(err, "chunk 1", "before the end of the chunk before it, %d"
+                              % (3 * BLOCK))
+        code, out, err = run_main(["info", "-i", str(path)], capsys)
+        assert code == 1 and "no" in out.split("intact:")[1]
+
     def test_info_detects_damage(self, tmp_path, damage_case, capsys):
         old, new, stream = damage_case
         code, out, err = run_main(["info", "-i", write(tmp_path / "s", stream[:-1])], capsys)
