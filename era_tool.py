@@ -2142,18 +2142,22 @@ def restore_from_undo(dest, path, header, chunks):
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise _os_error(exc, "cannot open %s" % path) from None
+    # Read into an aligned buffer: the old content goes back with O_DIRECT where it
+    # fits, as apply writes it, not through the page cache.
+    buffer = memoryview(aligned_buffer(header.chunk_size))
     try:
         for tag, seq, offset, length, crc, position in reversed(chunks):
             if tag == TAG_ZERO:
                 dest.write_zeros(offset, length)
                 continue
-            payload = os.pread(fd, length, position)
+            payload = buffer[:length]
+            got = os.preadv(fd, [payload], position)
             fields = CHUNK_FIELDS.pack(tag, seq, offset, length)
-            if len(payload) != length or \
+            if got != length or \
                     zlib.crc32(fields, zlib.crc32(payload, header.crc)) != crc:
                 raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
                                        % (path, seq))
-            dest.write(offset, payload)
+            dest.write_aligned(offset, payload)
     except OSError as exc:
         raise _os_error(exc, "cannot read %s" % path) from None
     finally:

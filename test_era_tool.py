@@ -1640,7 +1640,9 @@ def resident_bytes(path):
 
 
 class TestUndoFileWrites:
-    """The undo file goes to disk with O_DIRECT through a staging buffer; syncs keep it whole."""
+    """The undo file goes to disk with O_DIRECT through a staging buffer; syncs keep it whole.
+
+    rollback writes the old content back with O_DIRECT too."""
 
     @pytest.fixture
     def direct_dir(self, tmp_path):
@@ -1658,6 +1660,22 @@ class TestUndoFileWrites:
         # At most the last, partial block (written through the cache at the final sync).
         assert resident_bytes(case.undo) <= 4096, (resident_bytes(case.undo), size)
         assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+
+    def test_rollback_bypasses_page_cache(self, direct_dir):
+        case = UndoCase(direct_dir, blocks=64)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        # Nothing of the mirror in the page cache; then only what rollback leaves there.
+        fd = os.open(case.mirror, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert resident_bytes(case.mirror) == 0
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert resident_bytes(case.mirror) == 0
         assert read(case.mirror) == case.old
 
     def test_sync_makes_the_staged_tail_durable(self, direct_dir, monkeypatch):
