@@ -574,16 +574,20 @@ class TestCopy:
         assert b"block size" in result.stderr or b"whole number" in result.stderr
 
 
+def refuse_direct_open(monkeypatch):
+    """What tmpfs on older kernels does: open(O_DIRECT) fails with EINVAL."""
+    real_open = os.open
+
+    def no_direct(path, flags, *rest):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *rest)
+    monkeypatch.setattr(era_tool.os, "open", no_direct)
+
+
 class TestBufferedFallback:
     def test_o_direct_refused_at_open(self, tmp_path, capsys, monkeypatch):
-        # What tmpfs on older kernels does: open(O_DIRECT) fails with EINVAL.
-        real_open = os.open
-
-        def no_direct(path, flags, *rest):
-            if flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_open(path, flags, *rest)
-        monkeypatch.setattr(era_tool.os, "open", no_direct)
+        refuse_direct_open(monkeypatch)
         advice = []
         monkeypatch.setattr(era_tool.os, "posix_fadvise",
                             lambda fd, o, n, a: advice.append(a))
@@ -1718,13 +1722,7 @@ class TestUndoFileWrites:
         assert read(path) == data
 
     def test_direct_open_refused(self, direct_dir, monkeypatch):
-        real_open = os.open
-
-        def no_direct(path, flags, *rest):
-            if flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_open(path, flags, *rest)
-        monkeypatch.setattr(era_tool.os, "open", no_direct)
+        refuse_direct_open(monkeypatch)
         case = UndoCase(direct_dir)
         assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
                               case.mirror]) == 0
