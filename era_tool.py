@@ -1449,7 +1449,7 @@ class Output:
     def __init__(self, path, exclusive=False, label=None, direct=False):
         self.path = path
         self.direct_fd = None
-        self.stage = None             # aligned staging buffer, or None: plain writes
+        self.staged = None            # the aligned staging buffer, or None: plain writes
         if path is None or path == "-":
             self.fd = sys.stdout.fileno()
             self.name = "standard output"
@@ -1485,8 +1485,7 @@ class Output:
             os.close(fd)              # the name was replaced between the two opens
             return
         self.direct_fd = fd
-        self.stage = aligned_buffer(OUTPUT_STAGE)
-        self.staged = memoryview(self.stage)
+        self.staged = memoryview(aligned_buffer(OUTPUT_STAGE))
         self.fill = 0                 # bytes in the stage
         self.base = 0                 # where stage[0] goes in the file
 
@@ -1494,7 +1493,7 @@ class Output:
         try:
             for piece in pieces:
                 view = memoryview(piece)
-                if self.stage is not None:
+                if self.staged is not None:
                     self._add(view)
                     continue
                 while len(view):
@@ -1506,7 +1505,7 @@ class Output:
             raise _os_error(exc, "cannot write to %s" % self.name) from None
 
     def _add(self, view):
-        size = len(self.stage)
+        size = len(self.staged)
         while len(view):
             count = min(size - self.fill, len(view))
             self.staged[self.fill:self.fill + count] = view[:count]
@@ -1524,9 +1523,9 @@ class Output:
         self.fill = rest
         self.base += count
 
-    def _put(self, view, offset):
+    def _put(self, view, offset, direct=True):
         while len(view):
-            fd = self.fd if self.direct_fd is None else self.direct_fd
+            fd = self.direct_fd if direct and self.direct_fd is not None else self.fd
             try:
                 done = os.pwrite(fd, view, offset)
             except OSError as exc:
@@ -1541,15 +1540,12 @@ class Output:
     def sync(self):
         """Make every byte written so far durable."""
         try:
-            if self.stage is not None:
+            if self.staged is not None:
                 whole = self.fill - self.fill % DIRECT_ALIGN
                 if whole:
                     self._drain(whole)
-                if self.fill:
-                    written = 0
-                    while written < self.fill:
-                        written += os.pwrite(self.fd, self.staged[written:self.fill],
-                                             self.base + written)
+                # The partial last block: through the page cache, and kept staged.
+                self._put(self.staged[:self.fill], self.base, direct=False)
             os.fsync(self.fd)
         except OSError as exc:
             raise _os_error(exc, "cannot sync %s" % self.name) from None
