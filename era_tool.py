@@ -90,6 +90,7 @@ __version__ = "0.1.0"
 # ---------------------------------------------------------------------------
 
 SECTOR = 512                      # dm-era block sizes are counted in these
+SECTORS_PER_PAGE = 8              # dm-era block sizes are positive multiples of this
 DIRECT_ALIGN = 4096               # O_DIRECT buffer, offset and length alignment
 CHUNK_SIZE = 4 << 20              # payload of one chunk written by copy
 MAX_CHUNK_SIZE = 64 << 20         # largest chunk apply accepts (memory bound)
@@ -111,7 +112,13 @@ FLAG_SINCE_ERA = 1
 FLAG_ERA = 2
 FLAG_FULL = 4
 FLAG_UNDO = 8                     # an undo file: the old content an apply overwrote
-KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO
+FLAG_TARGET = 16                  # an undo file that names its apply (target fields follow)
+KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET
+MAX_OFFSET = (1 << 63) - 1        # off_t is signed 64-bit: no device or offset beyond
+MAX_BLOCK_SIZE = (1 << 32) - 8    # block_size is a u32 of sectors, a multiple of 8
+MAX_NUMBER_DIGITS = 10            # a u32 has at most 10 decimal digits
+SORT_BATCH = 1 << 18              # out-of-order block lists are sorted this many at a time
+FILE_MODE = 0o600                 # mirrors, streams, undo and state files: a disk's image
 
 TAG_DATA = b"DATA"
 TAG_ZERO = b"ZERO"
@@ -126,6 +133,9 @@ CHUNK_FIELDS = struct.Struct("<4sIQI")
 CHUNK = struct.Struct("<4sIQII")
 # tag, chunks, data_bytes, zero_bytes; then stream_crc
 TRAILER_FIELDS = struct.Struct("<4sIQQ")
+# with FLAG_TARGET, after the source id: the mirror's size once its apply is
+# complete, and the header_crc of the stream that apply wrote
+TARGET = struct.Struct("<QI")
 
 STATE_SUFFIX = ".era"             # mirror.img -> mirror.img.era
 STATE_FORMAT = "era_tool mirror state"
@@ -173,6 +183,10 @@ class ChainError(EraError):
     """A stream does not continue the mirror's chain of backups."""
 
 
+class Interrupted(EraError):
+    """SIGINT, SIGTERM or SIGHUP: exit status 130, with what was done about it."""
+
+
 # ---------------------------------------------------------------------------
 # Block list: era_invalidate XML
 # ---------------------------------------------------------------------------
@@ -209,12 +223,24 @@ class RangeList:
             self.ends.append(end)
 
     @classmethod
-    def from_unsorted(cls, begins, ends):
-        """Sort by begin and merge adjacent and overlapping ranges."""
+    def from_sorted_runs(cls, runs):
+        """Merge sorted runs of begin << 32 | end keys (see sorted_run) into one list."""
+        import heapq
         result = cls()
-        for begin, end in sorted(zip(begins, ends)):
-            result.add(begin, end)
+        add = result.add
+        for key in (runs[0] if len(runs) == 1 else heapq.merge(*runs)):
+            add(key >> 32, key & 0xFFFFFFFF)
         return result
+
+
+def sorted_run(begins, ends):
+    """Ranges as one sorted array of 64-bit keys, begin << 32 | end.
+
+    A list of (begin, end) tuples costs about 120 bytes a range (measured: 10
+    million out-of-order blocks took 1.5 GB); the keys cost 8 bytes, and
+    sorting them SORT_BATCH at a time bounds the temporary list.
+    """
+    return array.array("Q", sorted([(begin << 32) | end for begin, end in zip(begins, ends)]))
 
 
 class _BlockListTarget:
@@ -228,7 +254,7 @@ class _BlockListTarget:
 
     def __init__(self):
         self.ranges = RangeList()
-        self.ordered = True
+        self.runs = []            # sorted runs of an out-of-order list, see sorted_run
         self.seen_root = False
         self.closed_root = False
         self.start, self.end = self._handlers()
@@ -243,6 +269,7 @@ class _BlockListTarget:
         """
         begins = self.ranges.begins
         ends = self.ranges.ends
+        runs = self.runs
         depth = 0
         last_end = -1
 
@@ -253,14 +280,16 @@ class _BlockListTarget:
             if depth == 2:
                 if tag == "block" and len(attrib) == 1:
                     text = attrib.get("block")
-                    if text is not None and text.isdigit() and text.isascii():
+                    if text is not None and text.isdigit() and text.isascii() and \
+                            len(text) <= MAX_NUMBER_DIGITS:
                         begin = int(text)
                         end = begin + 1
                 elif tag == "range" and len(attrib) == 2:
                     first = attrib.get("begin")
                     last = attrib.get("end")
                     if first is not None and last is not None and first.isdigit() and \
-                            last.isdigit() and first.isascii() and last.isascii():
+                            last.isdigit() and first.isascii() and last.isascii() and \
+                            len(first) <= MAX_NUMBER_DIGITS and len(last) <= MAX_NUMBER_DIGITS:
                         begin = int(first)
                         end = int(last)
             if begin is None or end <= begin or end > MAX_BLOCK:
@@ -271,7 +300,7 @@ class _BlockListTarget:
                 begins.append(begin)
                 ends.append(end)
                 last_end = end
-            elif begin >= begins[-1]:
+            elif begins and begin >= begins[-1]:
                 # Adjacent or overlapping, still in order: extend the last range.
                 if end > last_end:
                     ends[-1] = end
@@ -279,7 +308,13 @@ class _BlockListTarget:
             else:
                 begins.append(begin)
                 ends.append(end)
-                self.ordered = False
+                if not runs:
+                    runs.append(array.array("Q"))   # marks the list as out of order
+                if len(begins) >= SORT_BATCH:
+                    runs.append(sorted_run(begins, ends))
+                    del begins[:]
+                    del ends[:]
+                    last_end = -1
 
         def end(tag):
             nonlocal depth
@@ -329,20 +364,30 @@ class _BlockListTarget:
             raise BlockListError("block list has unexpected text %r" % text.strip()[:40])
 
     def close(self):
-        if self.ordered:
+        if not self.runs:
             return self.ranges
-        return RangeList.from_unsorted(self.ranges.begins, self.ranges.ends)
+        runs = [run for run in self.runs if run]
+        runs.append(sorted_run(self.ranges.begins, self.ranges.ends))
+        self.ranges = None
+        return RangeList.from_sorted_runs(runs)
 
 
 def _describe(tag, attrib):
-    attrs = "".join(' %s="%s"' % item for item in sorted(attrib.items()))
-    return "<%s%s>" % (tag, attrs)
+    """An element as a message shows it: each name and value cut to 40 characters."""
+    def short(text):
+        return shown(text if len(text) <= 40 else text[:37] + "...")
+    attrs = "".join(' %s="%s"' % (short(name), short(value))
+                    for name, value in sorted(attrib.items()))
+    return "<%s%s>" % (short(tag), attrs)
 
 
 def _block_number(tag, attrib, name):
     text = attrib[name].strip()
     if text.isascii():
         if text.isdigit():
+            if len(text.lstrip("0")) > MAX_NUMBER_DIGITS:
+                raise BlockListError("%s: %s is out of range (dm-era counts blocks in 32 bits)"
+                                     % (_describe(tag, attrib), name))
             return int(text)
         if text.startswith("-") and text[1:].isdigit():
             raise BlockListError("%s: negative %s" % (_describe(tag, attrib), name))
@@ -592,7 +637,7 @@ class _MetadataReader:
 
     def _open(self, direct):
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise MetadataError("cannot open metadata device %s: %s"
                                 % (self.path, exc.strerror)) from None
@@ -611,6 +656,7 @@ class _MetadataReader:
             else:
                 raise MetadataError("%s is not a block device or a regular file"
                                     % self.path)
+            os.set_blocking(fd, True)
         except OSError as exc:
             raise MetadataError("cannot use metadata device %s: %s"
                                 % (self.path, exc.strerror)) from None
@@ -1115,6 +1161,99 @@ def _os_error(exc, what):
     return DeviceError("%s: %s" % (what, exc.strerror or exc))
 
 
+def open_device(path, flags, what="", mode=FILE_MODE):
+    """Open a regular file or block device and return (fd, stat); refuse anything else.
+
+    O_NONBLOCK at open: a FIFO opened for reading would wait for a writer
+    forever (it is cleared again; it means nothing to files and disks).
+    `what` names the path in the message (e.g. "state file ").
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+            raise DeviceError("%s%s is not a regular file or block device" % (what, path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def create_private(path, flags=os.O_WRONLY, mode=FILE_MODE):
+    """Create a new file, never through a symlink or over an existing name."""
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                   | getattr(os, "O_CLOEXEC", 0), mode)
+
+
+def create_temporary(path, mode=FILE_MODE):
+    """A new file beside `path` under a random name: (fd, its path).
+
+    A predictable name (path.tmpPID) lets anyone who can write the directory
+    plant a symlink there and have root overwrite its target.
+    """
+    while True:
+        temp = "%s.tmp-%s" % (path, os.urandom(6).hex())
+        try:
+            return create_private(temp, mode=mode), temp
+        except FileExistsError:
+            continue
+
+
+def sync_directory(path):
+    """Make a rename or unlink in path's directory durable."""
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _identity(path, std_fd):
+    """What a path names, to tell two apart; None where it cannot be a file's name.
+
+    A block device by its device number (two nodes of one disk are one disk),
+    a file by device and inode (a hard link or symlink is the same file), a
+    name not yet created by its resolved path; `path` None or "-" is the
+    standard descriptor std_fd.  Pipes and terminals are never the same as a
+    file, and /dev/null may be both input and output.
+    """
+    try:
+        if path is None or path == "-":
+            info = os.fstat(std_fd)
+        else:
+            info = os.stat(path)
+    except FileNotFoundError:
+        return ("new", os.path.realpath(path))
+    except OSError:
+        return None
+    if stat.S_ISBLK(info.st_mode):
+        return ("block device", info.st_rdev)
+    if stat.S_ISREG(info.st_mode):
+        return ("file", info.st_dev, info.st_ino)
+    return None
+
+
+def refuse_same_files(inputs, outputs):
+    """Refuse an output that is also an input, or another output.
+
+    inputs and outputs are (label, path) pairs; a path None or "-" is standard
+    input (in inputs) or standard output (in outputs).  Seen: --state equal
+    to the mirror replaced the mirror with JSON; copy -o equal to DEVICE
+    truncated the source.
+    """
+    seen = [(label, _identity(path, 0)) for label, path in inputs]
+    for label, path in outputs:
+        identity = _identity(path, 1)
+        if identity is None:
+            continue
+        for other, known in seen:
+            if known == identity:
+                raise EraError("%s and %s are the same file: an output must never be an "
+                               "input or another output" % (shown(label), shown(other)))
+        seen.append((label, identity))
+
+
 class Source:
     """A device read with O_DIRECT, in aligned pieces.
 
@@ -1130,19 +1269,15 @@ class Source:
         try:
             if self.direct:
                 try:
-                    self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    self.fd, _ = open_device(path, os.O_RDONLY | os.O_DIRECT)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
-                    self.fd = os.open(path, os.O_RDONLY)
+                    self.fd, _ = open_device(path, os.O_RDONLY)
                     self._go_buffered()
             else:
-                self.fd = os.open(path, os.O_RDONLY)
+                self.fd, _ = open_device(path, os.O_RDONLY)
                 self._go_buffered()
-            mode = os.fstat(self.fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                os.close(self.fd)
-                raise DeviceError("%s is not a block device or regular file" % path)
             self.size = fd_size(self.fd)
             if self.direct:
                 self._probe_direct()
@@ -1321,13 +1456,20 @@ class Destination:
                 flags |= os.O_EXCL
             elif create:
                 flags |= os.O_CREAT
-            self.fd = os.open(path, flags, 0o644)
+            self.fd, info = open_device(path, flags)
+            self.is_block = stat.S_ISBLK(info.st_mode)
+            self.identity = (info.st_dev, info.st_ino)
             self.size = fd_size(self.fd)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise DeviceError("%s is busy (mounted or in use); refusing to write to it"
                                   % path) from None
             raise _os_error(exc, "cannot open %s" % path) from None
+        try:
+            self._lock()
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.initial_size = self.size
         self.written = 0          # bytes written so far, for messages
         self.zeros = b""
@@ -1336,10 +1478,51 @@ class Destination:
         self.direct_fd = None
         if hasattr(os, "O_DIRECT"):
             try:
-                self.direct_fd = os.open(path, (os.O_RDWR if readable else os.O_WRONLY)
-                                         | os.O_DIRECT)
+                fd = os.open(path, (os.O_RDWR if readable else os.O_WRONLY) | os.O_DIRECT)
             except OSError:
-                pass                  # e.g. tmpfs: buffered writes only
+                fd = None             # e.g. tmpfs: buffered writes only
+            if fd is not None:
+                info = os.fstat(fd)
+                if (info.st_dev, info.st_ino) == self.identity:
+                    self.direct_fd = fd
+                else:
+                    os.close(fd)      # the name was replaced between the two opens
+
+    def _lock(self):
+        """One writer per mirror: two applies at once left era 3 recorded over era 2 data.
+
+        flock, not a lock file: it goes with the descriptor, so a killed
+        process never leaves a stale lock behind.
+        """
+        import fcntl
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeviceError("%s is being written by another era_tool (apply or rollback); "
+                              "one at a time" % self.path) from None
+
+    def remove_if_created(self):
+        """A refused apply leaves no mirror file that was not there before."""
+        if self.created:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def restore_size(self):
+        """Undo a failed apply's growth: the file is as large as it was.
+
+        A cut stream whose header claimed a larger device grew a 1 MiB mirror
+        to 1 TiB, and the correct stream was then refused as too small.
+        """
+        if self.is_block:
+            return
+        try:
+            if os.fstat(self.fd).st_size != self.initial_size:
+                os.ftruncate(self.fd, self.initial_size)
+                self.size = self.initial_size
+        except OSError:
+            pass                      # the message says the file is partially updated
 
     def resize(self, size):
         """Grow a mirror file to the source size, or shrink it back (undo)."""
@@ -1433,6 +1616,14 @@ class Destination:
 class Output:
     """Where a stream goes: a file descriptor written with full writes.
 
+    A stream file (-o) is written under a temporary name beside it and renamed
+    at the end, once synced: an existing file is never half overwritten, and
+    a failed copy removes only what it created.  A path that is not a regular
+    file (a FIFO, /dev/null, a tape) is written in place and never removed.
+
+    exclusive: create a new file under its own name (the undo file: it must
+    never overwrite one that may be the only way back).
+
     direct: a file this creates is written with O_DIRECT, through an aligned
     staging buffer, for the undo file, which is synced every UNDO_BATCH bytes:
     no copy into the page cache, and little left to flush at each sync
@@ -1447,25 +1638,40 @@ class Output:
     """
 
     def __init__(self, path, exclusive=False, label=None, direct=False):
-        self.path = path
+        self.path = path              # the name being written
+        self.final = None             # the name it gets at finish(), if not path
         self.direct_fd = None
         self.staged = None            # the aligned staging buffer, or None: plain writes
+        self.created = False          # a regular file this made: synced, removed on failure
+        self.syncable = False
         if path is None or path == "-":
+            if sys.stdout is None:
+                raise EraError("standard output is closed; use -o FILE")
             self.fd = sys.stdout.fileno()
             self.name = "standard output"
-            self.created = False
             widen_pipe(self.fd)
         else:
-            # exclusive: never overwrite a file that may be the only way back.
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+            self.name = path if label is None else "%s %s" % (label, path)
             try:
-                self.fd = os.open(path, flags, 0o644)
+                if exclusive:
+                    self.fd = create_private(path)
+                    self.created = True
+                elif os.path.exists(path) and not os.path.isfile(path):
+                    if os.path.isdir(path):
+                        raise EraError("%s is a directory" % path)
+                    # O_EXCL on a block device: refuse one that is mounted or in use.
+                    block = stat.S_ISBLK(os.stat(path).st_mode)
+                    self.fd = os.open(path, os.O_WRONLY | (os.O_EXCL if block else 0))
+                    self.syncable = block
+                else:
+                    self.fd, self.path = create_temporary(path)
+                    self.final = path
+                    self.created = True
             except FileExistsError:
                 raise EraError("%s already exists; refusing to overwrite it" % path) from None
             except OSError as exc:
                 raise _os_error(exc, "cannot create %s" % path) from None
-            self.name = path if label is None else "%s %s" % (label, path)
-            self.created = True
+            self.syncable = self.syncable or self.created
         if os.isatty(self.fd):
             raise EraError("refusing to write a stream to a terminal; "
                            "redirect it or use -o FILE")
@@ -1477,7 +1683,7 @@ class Output:
         if not stat.S_ISREG(info.st_mode) or not hasattr(os, "O_DIRECT"):
             return
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
         except OSError:
             return                    # e.g. tmpfs on older kernels: plain writes
         again = os.fstat(fd)
@@ -1488,7 +1694,6 @@ class Output:
         self.staged = memoryview(aligned_buffer(OUTPUT_STAGE))
         self.fill = 0                 # bytes in the stage
         self.base = 0                 # where stage[0] goes in the file
-
     def write(self, *pieces):
         try:
             for piece in pieces:
@@ -1551,19 +1756,27 @@ class Output:
             raise _os_error(exc, "cannot sync %s" % self.name) from None
 
     def finish(self):
-        if self.created:
+        """Everything written is durable, and a stream file has its name."""
+        if self.syncable:
             self.sync()
+        if self.final is not None:
+            try:
+                os.rename(self.path, self.final)
+                sync_directory(self.final)
+            except OSError as exc:
+                raise _os_error(exc, "cannot rename %s to %s" % (self.path, self.final)) from None
+            self.path, self.final = self.final, None
 
     def close(self, failed=False):
-        if not self.created or self.fd is None:
+        if self.fd is None or self.name == "standard output":
             return
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd = None
         os.close(self.fd)
         self.fd = None
-        if failed:
-            # Half a stream file is worse than none: remove it.
+        if failed and self.created:
+            # Half a stream file is worse than none: remove what this made.
             try:
                 os.unlink(self.path)
             except OSError:
@@ -1580,7 +1793,7 @@ class StreamHeader:
 
     def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
                  since_era=None, era=None, full=False, created=None, source_id="",
-                 version=FORMAT_VERSION, undo=False):
+                 version=FORMAT_VERSION, undo=False, target_size=None, target_crc=None):
         self.version = version
         self.device_size = device_size
         self.total_bytes = total_bytes
@@ -1592,16 +1805,23 @@ class StreamHeader:
         self.undo = undo
         self.created = int(time.time()) if created is None else created
         self.source_id = source_id
+        # An undo file's apply: the mirror's size once it is complete, and the
+        # header_crc of its stream (both None in a stream, and in undo files of 0.1).
+        self.target_size = target_size
+        self.target_crc = target_crc
 
     def pack(self):
         source_id = self.source_id.encode("utf-8")
         flags = ((FLAG_SINCE_ERA if self.since_era is not None else 0)
                  | (FLAG_ERA if self.era is not None else 0)
                  | (FLAG_FULL if self.full else 0)
-                 | (FLAG_UNDO if self.undo else 0))
+                 | (FLAG_UNDO if self.undo else 0)
+                 | (FLAG_TARGET if self.target_size is not None else 0))
         head = HEADER.pack(MAGIC, self.version, flags, self.device_size, self.total_bytes,
                            self.block_size, self.chunk_size, self.since_era or 0,
                            self.era or 0, self.created, len(source_id)) + source_id
+        if self.target_size is not None:
+            head += TARGET.pack(self.target_size, self.target_crc)
         return head + CRC.pack(zlib.crc32(head))
 
     def as_dict(self):
@@ -1617,6 +1837,8 @@ class StreamHeader:
             "undo": self.undo,
             "created": self.created,
             "source_id": self.source_id,
+            "target_size": self.target_size,
+            "target_crc": self.target_crc,
         }
 
 
@@ -1680,8 +1902,13 @@ class Input:
     a VM that extra memory traffic slows the O_DIRECT writes running beside it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, what="a stream", hint="use -i FILE"):
         if path is None or path == "-":
+            if sys.stdin is None:
+                raise EraError("standard input is closed; %s" % hint)
+            if os.isatty(sys.stdin.fileno()):
+                # Waiting silently for a terminal to type a binary stream looks like a hang.
+                raise EraError("refusing to read %s from a terminal; %s" % (what, hint))
             self.file = io.open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
             self.name = "standard input"
             widen_pipe(sys.stdin.fileno())
@@ -1692,6 +1919,15 @@ class Input:
                 raise _os_error(exc, "cannot open %s" % path) from None
             self.name = path
         self.position = 0
+
+    @classmethod
+    def of(cls, file, name):
+        """An Input over an open unbuffered binary file."""
+        inp = cls.__new__(cls)
+        inp.file = file
+        inp.name = name
+        inp.position = 0
+        return inp
 
     def read_into(self, view):
         """Fill `view`; return how many bytes were read (less only at the end)."""
@@ -1737,17 +1973,32 @@ def read_header(inp, magic=None):
     if id_length > MAX_SOURCE_ID:
         raise StreamError("damaged header: source id of %d bytes" % id_length)
     source_id = inp.read_exact(id_length, "the header")
+    target = inp.read_exact(TARGET.size, "the header") if flags & FLAG_TARGET else b""
     (header_crc,) = CRC.unpack(inp.read_exact(CRC.size, "the header"))
-    raw = magic + rest + source_id
+    raw = magic + rest + source_id + target
     if zlib.crc32(raw) != header_crc:
         raise ChecksumMismatch("damaged header: checksum mismatch")
+    # Checksums prove only that the bytes arrived as written: every field is
+    # checked too, so that a crafted header cannot reach a system call with
+    # a number it cannot take.
     if flags & ~KNOWN_FLAGS:
         raise StreamError("header has unknown flags 0x%x" % flags)
+    if flags & FLAG_TARGET and not flags & FLAG_UNDO:
+        raise StreamError("header has flags 0x%x: target fields without the undo flag" % flags)
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise StreamError("header has a chunk size of %d bytes" % chunk_size)
+    target_size, target_crc = TARGET.unpack(target) if target else (None, None)
+    for name, value in (("device size", device_size), ("byte count", total_bytes),
+                        ("target size", target_size or 0)):
+        if value > MAX_OFFSET:
+            raise StreamError("header has a %s of %d bytes, more than a file or device "
+                              "can hold" % (name, value))
     if total_bytes > device_size and not flags & FLAG_UNDO:
         raise StreamError("header says %d bytes to copy from a %d-byte device"
                           % (total_bytes, device_size))
+    if not SECTORS_PER_PAGE <= block_size <= MAX_BLOCK_SIZE or block_size % SECTORS_PER_PAGE:
+        raise StreamError("header has a block size of %d sectors (dm-era's are positive "
+                          "multiples of %d)" % (block_size, SECTORS_PER_PAGE))
     try:
         source_id = source_id.decode("utf-8")
     except UnicodeDecodeError:
@@ -1756,7 +2007,7 @@ def read_header(inp, magic=None):
                           since_era if flags & FLAG_SINCE_ERA else None,
                           era if flags & FLAG_ERA else None,
                           bool(flags & FLAG_FULL), created, source_id, version,
-                          bool(flags & FLAG_UNDO))
+                          bool(flags & FLAG_UNDO), target_size, target_crc)
     header.crc = header_crc
     header.raw = raw + CRC.pack(header_crc)
     return header
@@ -1877,6 +2128,9 @@ def iter_legacy(inp):
         if offset < 0 or length < 0:
             raise StreamError("record %d: negative offset %d or length %d"
                               % (records, offset, length))
+        if offset + length > MAX_OFFSET:
+            raise StreamError("record %d: offset %d and length %d reach past what a file or "
+                              "device can hold" % (records, offset, length))
         records += 1
         yield offset, length
 
@@ -1914,27 +2168,79 @@ def state_path(destination, explicit=None):
     return destination + STATE_SUFFIX
 
 
+# Each key of a state file: required, the values it may hold (None is null).
+STATE_KEYS = {
+    "source_id": (True, str),
+    "source_size": (True, (0, MAX_OFFSET)),
+    "block_size": (True, (SECTORS_PER_PAGE, MAX_BLOCK_SIZE)),
+    "era": (True, (0, MAX_ERA)),
+    "stream_created": (False, (-(1 << 63), (1 << 63) - 1)),
+    "applied": (False, (-(1 << 63), (1 << 63) - 1)),
+    "stream_crc": (False, (0, (1 << 32) - 1)),
+}
+STATE_MAX = 1 << 16                # bytes: a state file is a few hundred
+
+
+def _state_problem(state):
+    """What is wrong with a parsed state file, or None."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        return "not an era_tool state file"
+    for key, (required, allowed) in STATE_KEYS.items():
+        if key not in state:
+            if required:
+                return "no %s" % key
+            continue
+        value = state[key]
+        if value is None:
+            continue
+        if allowed is str:
+            if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) \
+                    > MAX_SOURCE_ID:
+                return "%s is not a source id" % key
+        elif type(value) is not int or not allowed[0] <= value <= allowed[1]:
+            # type(), not isinstance(): true and false are ints to Python.
+            return "%s is %s, not a whole number from %d to %d" % (
+                key, shown(repr(value)[:40]), allowed[0], allowed[1])
+    if state["block_size"] is not None and state["block_size"] % SECTORS_PER_PAGE:
+        return "block_size is not a multiple of %d" % SECTORS_PER_PAGE
+    return None
+
+
+def _no_constant(name):
+    raise ValueError("%s is not a number" % name)
+
+
 def load_state(path):
     """The state dict, or None when there is no state file."""
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 16)
+        fd, _ = open_device(path, os.O_RDONLY, "state file ")
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _os_error(exc, "cannot read state file %s" % path) from None
     try:
+        data = os.read(fd, STATE_MAX + 1)
+    except OSError as exc:
+        raise _os_error(exc, "cannot read state file %s" % path) from None
+    finally:
+        os.close(fd)
+    try:
         import json   # here, not at the top: most starts never need it (see _version)
-        state = json.loads(data.decode("utf-8"))
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError("not an era_tool state file")
-        for key in ("source_id", "source_size", "block_size", "era"):
-            state[key]          # all present; era may be null
-    except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        if len(data) > STATE_MAX:
+            raise ValueError("larger than %d bytes" % STATE_MAX)
+        # NaN and Infinity are not JSON, and NaN compares false to everything:
+        # "era": NaN turned the gap check off.
+        state = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        problem = _state_problem(state)
+        if problem:
+            raise ValueError(problem)
+    except (ValueError, RecursionError) as exc:
         raise ChainError("state file %s is damaged (%s): the mirror's era is unknown; "
-                         "--force applies anyway" % (path, exc)) from None
+                         "--force applies anyway" % (shown(path), exc)) from None
     return state
 
 
@@ -1946,15 +2252,7 @@ def remove_state(path):
         return
     except OSError as exc:
         raise _os_error(exc, "cannot remove state file %s" % path) from None
-    _sync_directory(path)
-
-
-def _sync_directory(path):
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(path)
 
 
 def check_chain(state, header, path):
@@ -2001,11 +2299,14 @@ def check_chain(state, header, path):
                             header.since_era - 1))
 
 
-def save_state(path, source_id, source_size, block_size, era, stream_created=None):
+def save_state(path, source_id, source_size, block_size, era, stream_created=None,
+               stream_crc=None):
     """Record the mirror's era, atomically: only after its data is synced.
 
     era None means unknown (a stream without an era was forced onto the
-    mirror): the next stream must then be a full copy.
+    mirror): the next stream must then be a full copy.  stream_crc is the
+    header CRC of the stream that brought the mirror here: it tells an undo
+    file whose apply completed from one that a crash cut short.
     """
     state = {
         "format": STATE_FORMAT,
@@ -2016,11 +2317,17 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
         "block_size": block_size,
         "era": era,
         "stream_created": stream_created,
+        "stream_crc": stream_crc,
     }
-    temp = "%s.tmp%d" % (path, os.getpid())
+    temp = None
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)   # a chmod of the state file stays
+        except FileNotFoundError:
+            mode = FILE_MODE
+        fd, temp = create_temporary(path, mode)
+        try:
+            os.fchmod(fd, mode)   # the umask does not narrow a mode chosen on purpose
             import json
             data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
             view = memoryview(data)
@@ -2030,11 +2337,13 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
         finally:
             os.close(fd)
         os.rename(temp, path)
+        temp = None
         # The rename itself is durable only once the directory is synced.
-        _sync_directory(path)
+        sync_directory(path)
     except OSError as exc:
         try:
-            os.unlink(temp)
+            if temp is not None:
+                os.unlink(temp)
         except OSError:
             pass
         raise _os_error(exc, "cannot write state file %s (the data is synced; the "
@@ -2052,7 +2361,10 @@ class UndoLog:
 
     Its header records the mirror's size before the apply (device_size), the
     era the apply takes the mirror to (since_era) and the era it was at
-    (era), so the undo file applied as a stream steps the mirror back.
+    (era), so the undo file applied as a stream steps the mirror back; and,
+    as target fields, the mirror's size once the apply is complete and the
+    header CRC of the stream applied, so that rollback can tell the mirror
+    it belongs to and whether its apply completed.
     """
 
     def __init__(self, path, dest, incoming, state):
@@ -2063,12 +2375,18 @@ class UndoLog:
         total = incoming.total_bytes + max(0, dest.initial_size - incoming.device_size)
         header = StreamHeader(dest.initial_size, total, incoming.block_size,
                               incoming.chunk_size, since_era=incoming.era, era=previous_era,
-                              source_id=incoming.source_id, undo=True)
+                              source_id=incoming.source_id, undo=True,
+                              target_size=dest.size if dest.is_block else incoming.device_size,
+                              target_crc=incoming.crc)
         self.chunk_size = incoming.chunk_size
         self.buffer = aligned_buffer(self.chunk_size)     # reused for every region saved
         self.output = Output(path, exclusive=True, label="undo file", direct=True)
-        self.writer = StreamWriter(self.output, header)
-        self.sync()
+        try:
+            self.writer = StreamWriter(self.output, header)
+            self.sync()
+        except BaseException:
+            self.output.close(failed=True)    # nothing was overwritten: no undo file
+            raise
 
     def save(self, offset, length):
         """Append the current content of a region; what lies past the old end needs none."""
@@ -2090,76 +2408,171 @@ class UndoLog:
         self.output.close()
 
 
-def read_undo(path):
-    """An undo file's header and intact chunks, from a complete or a cut-short file.
+class UndoFile:
+    """An undo file read back: its header, its intact chunks, and how it ends.
 
-    Returns (header or None, chunks, complete). A file cut inside its header
-    belongs to an apply that changed nothing: the header is synced before
-    any overwrite.
+    header None: the file holds no complete header, so the apply that made it
+    changed nothing (the header is synced before any overwrite).  complete:
+    the trailer is there and proves every chunk.  Otherwise damage is None
+    for a file cut short (a crash: it ends, or zeros follow, after its last
+    intact chunk) or says what is wrong in the middle of it.
     """
-    inp = Input(path)
-    try:
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.fd, info = open_device(path, os.O_RDONLY, "undo file ")
+        except OSError as exc:
+            raise _os_error(exc, "cannot open undo file %s" % path) from None
+        try:
+            if not stat.S_ISREG(info.st_mode):
+                raise DeviceError("undo file %s is not a regular file" % path)
+            self.header = None
+            self.chunks = []          # (tag, seq, offset, length, crc, payload position)
+            self.complete = False
+            self.damage = None
+            self.end = 0              # where the intact part ends
+            self._read()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _read(self):
+        inp = Input.of(io.open(self.fd, "rb", buffering=0, closefd=False), self.path)
+        first = os.pread(self.fd, len(MAGIC), 0)
+        if first != MAGIC:
+            if _zeros_from(self.fd, 0) or (len(first) < len(MAGIC) and MAGIC.startswith(first)):
+                return                # created, then the apply died: it changed nothing
+            raise StreamError("%s is not an undo file (it starts with %r)"
+                              % (shown(self.path), first))
         try:
             header = read_header(inp)
         except TruncatedStream:
-            return None, [], False
+            return
         if not header.undo:
-            raise StreamError("%s is a stream, not an undo file" % path)
+            raise StreamError("%s is a stream, not an undo file" % shown(self.path))
+        self.header = header
         reader = StreamReader(inp, header)
-        chunks = []
+        self.end = inp.position
         try:
             for _ in reader:
-                chunks.append(reader.last_chunk)
-            return header, chunks, True
+                self.chunks.append(reader.last_chunk)
+                self.end = inp.position
+            self.complete = True
         except TruncatedStream:
-            return header, chunks, False
+            pass
         except StreamError as exc:
             # A crash can leave zeros after the last complete chunk: a cut, not damage.
-            if _zeros_from(path, reader.record_start):
-                return header, chunks, False
-            raise StreamError("undo file %s is damaged: %s" % (path, exc)) from None
-    finally:
-        inp.close()
+            if not _zeros_from(self.fd, reader.record_start):
+                self.damage = str(exc)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
-def _zeros_from(path, position):
-    with open(path, "rb") as f:
-        f.seek(position)
-        while True:
-            piece = f.read(1 << 20)
-            if not piece:
-                return True
-            if piece.strip(b"\0"):
-                return False
+def _zeros_from(fd, position):
+    """Whether the file holds only zero bytes from `position` on."""
+    while True:
+        piece = os.pread(fd, 1 << 20, position)
+        if not piece:
+            return True
+        if piece.strip(b"\0"):
+            return False
+        position += len(piece)
 
 
-def restore_from_undo(dest, path, header, chunks):
+def check_undo_fits(header, dest, path):
+    """An undo file goes back only onto the mirror its apply wrote.
+
+    Seen: another mirror's undo file cut a 16 MiB mirror to 4 MiB.  The
+    mirror's size must be its size before that apply, after it, or in between
+    (a growing apply killed midway); undo files of 0.1 do not say what it was
+    after, so only a block device's size is checked for them.
+    """
+    low = high = header.device_size
+    if header.target_size is not None:
+        low, high = min(low, header.target_size), max(high, header.target_size)
+    elif not dest.is_block:
+        return
+    if not low <= dest.size <= high:
+        after = "" if header.target_size is None else \
+            ", %d bytes after its apply" % header.target_size
+        raise ChainError("undo file %s is for a mirror of %d bytes before its apply%s, but %s "
+                         "has %d bytes: wrong mirror? (--force goes on anyway)"
+                         % (shown(path), header.device_size, after, shown(dest.path),
+                            dest.size))
+
+
+def check_rollback(undo, dest, state, state_file):
+    """Refuse an undo file that is not this mirror's, or not whole where it must be."""
+    header = undo.header
+    check_undo_fits(header, dest, undo.path)
+    completed = state is not None and header.target_crc is not None and \
+        state.get("stream_crc") == header.target_crc
+    if state is not None:
+        # Back from the era the apply reached, or from where it stopped (state unchanged).
+        if state["source_id"] is not None and state["source_id"] != header.source_id:
+            raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
+                             "mirror? (--force rolls back anyway)"
+                             % (header.source_id, state["source_id"], state_file))
+        if state["block_size"] is not None and state["block_size"] != header.block_size:
+            raise ChainError("undo file has block size %d, the mirror %d (%s): wrong mirror? "
+                             "(--force rolls back anyway)"
+                             % (header.block_size, state["block_size"], state_file))
+        if header.since_era is not None and state["era"] not in (header.since_era, header.era):
+            raise ChainError("undo file takes the mirror from era %d back to era %s, but it is "
+                             "at era %s (%s): roll back newer undo files first (--force rolls "
+                             "back anyway)" % (header.since_era, header.era, state["era"],
+                                               state_file))
+    if undo.complete:
+        return
+    if completed:
+        # The state is saved only after the undo file's trailer is synced: this
+        # file was whole once, and lost its end or was damaged afterwards.
+        raise StreamError("undo file %s is %s, but the apply that wrote it completed (%s "
+                          "records it): the file was damaged afterwards and cannot restore "
+                          "that version whole. %s itself is intact; move the undo file away "
+                          "(--force rolls back the %d intact chunks anyway)"
+                          % (shown(undo.path), "cut short" if undo.damage is None else
+                             "damaged (%s)" % undo.damage,
+                             shown(state_file), shown(dest.path), len(undo.chunks)))
+    if undo.damage is not None:
+        raise StreamError("undo file %s is damaged (%s): it can restore only the %d chunks "
+                          "before the damage (--force rolls those back)"
+                          % (shown(undo.path), undo.damage, len(undo.chunks)))
+
+
+def restore_from_undo(dest, undo):
     """Write an undo file's chunks back, newest first, then the old size."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise _os_error(exc, "cannot open %s" % path) from None
+    header = undo.header
     # Read into an aligned buffer: the old content goes back with O_DIRECT where it
     # fits, as apply writes it, not through the page cache.
     buffer = memoryview(aligned_buffer(header.chunk_size))
     try:
-        for tag, seq, offset, length, crc, position in reversed(chunks):
+        for tag, seq, offset, length, crc, position in reversed(undo.chunks):
             if tag == TAG_ZERO:
                 dest.write_zeros(offset, length)
                 continue
             payload = buffer[:length]
-            got = os.preadv(fd, [payload], position)
+            got = os.preadv(undo.fd, [payload], position)
             fields = CHUNK_FIELDS.pack(tag, seq, offset, length)
             if got != length or \
                     zlib.crc32(fields, zlib.crc32(payload, header.crc)) != crc:
                 raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
-                                       % (path, seq))
+                                       % (undo.path, seq))
             dest.write_aligned(offset, payload)
     except OSError as exc:
-        raise _os_error(exc, "cannot read %s" % path) from None
-    finally:
-        os.close(fd)
-    if not dest.is_block and dest.size != header.device_size:
+        raise _os_error(exc, "cannot read %s" % undo.path) from None
+    # The file's own size, not dest.size: a killed apply's writes may have grown it.
+    if not dest.is_block and fd_size(dest.fd) != header.device_size:
         dest.resize(header.device_size)
     dest.sync()
 
@@ -2220,8 +2633,43 @@ def _clock(seconds):
 
 
 def warn(message):
-    sys.stderr.write("era_tool: warning: %s\n" % message)
-    sys.stderr.flush()
+    err("era_tool: warning: %s" % message)
+
+
+def err(line):
+    """A line on stderr, if there is one (2>&- closes it)."""
+    if sys.stderr is not None:
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def shown(text):
+    """Text safe to print: control characters (terminal escape sequences in a
+    source id) and the undecodable bytes of a file name as backslash escapes."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else
+                   ("\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char))
+                   for char in text)
+
+
+def say(text):
+    """A line of output on stdout, in whatever encoding it has.
+
+    PYTHONIOENCODING=ascii and a non-ASCII source id ended in a traceback.
+    """
+    if sys.stdout is None:
+        raise EraError("standard output is closed")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    except (LookupError, UnicodeError):
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+    sys.stdout.write(text + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -2231,7 +2679,8 @@ def warn(message):
 
 def refuse_terminal(path):
     """Like gzip: binary data on a terminal is never what was meant."""
-    if (path is None or path == "-") and os.isatty(sys.stdout.fileno()):
+    if (path is None or path == "-") and sys.stdout is not None and \
+            os.isatty(sys.stdout.fileno()):
         raise EraError("refusing to write a stream to a terminal; redirect it or use -o FILE")
 
 
@@ -2247,7 +2696,8 @@ def _changed_blocks(args):
         # The snapshot's era is where the next backup starts.
         era = changed.current_era if args.era is None else args.era
         return changed, changed.block_size, args.since, era
-    inp = Input(args.input)
+    inp = Input(args.input, "the block list",
+                "pipe era_invalidate's output in, or use -i FILE or --metadata")
     try:
         return parse_block_list(inp.file), args.block_size, args.since_era, args.era
     finally:
@@ -2257,6 +2707,16 @@ def _changed_blocks(args):
 def cmd_copy(args):
     if args.device is not None:
         refuse_terminal(args.output)
+        inputs = [("DEVICE %s" % args.device, args.device)]
+        if args.metadata is not None:
+            inputs.append(("--metadata %s" % args.metadata, args.metadata))
+        elif not args.full:
+            inputs.append(("the block list %s" % (args.input or "on standard input"),
+                           args.input))
+        refuse_same_files(inputs, [("the stream %s" % (args.output or "on standard output"),
+                                    args.output)])
+    elif sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to print the estimate")
     ranges, block_size, since_era, era = _changed_blocks(args)
     block_bytes = block_size * SECTOR
 
@@ -2264,11 +2724,11 @@ def cmd_copy(args):
         blocks = ranges.blocks
         if args.json:
             import json
-            print(json.dumps({"bytes": blocks * block_bytes, "ranges": len(ranges),
-                              "blocks": blocks}))
+            say(json.dumps({"bytes": blocks * block_bytes, "ranges": len(ranges),
+                            "blocks": blocks}))
         else:
             # Number first, as the original printed it: scripts take the first word.
-            print("%d bytes to copy" % (blocks * block_bytes))
+            say("%d bytes to copy" % (blocks * block_bytes))
         return 0
 
     source = Source(args.device, warn)
@@ -2315,7 +2775,7 @@ def cmd_copy(args):
 
 def _open_stream(path):
     """Open a stream; return (input, kind, first bytes) with kind 'era', 'legacy' or None."""
-    inp = Input(path)
+    inp = Input(path, "a stream", "pipe one in or use -i FILE")
     first = bytearray(len(MAGIC))
     got = inp.read_into(memoryview(first))
     first = bytes(first[:got])
@@ -2329,12 +2789,27 @@ def _open_stream(path):
     if got < len(MAGIC) and (MAGIC.startswith(first) or LEGACY_MAGIC.startswith(first)):
         raise TruncatedStream("stream ends after %d bytes, inside its first header" % got)
     raise StreamError("%s is not an era_tool or era_copy stream (it starts with %r)"
-                      % (inp.name, first))
+                      % (shown(inp.name), first))
+
+
+def _apply_outputs(args, state_file):
+    """What apply writes, for refuse_same_files."""
+    outputs = [("DESTINATION %s" % args.destination, args.destination)]
+    if state_file is not None:
+        outputs.append(("the state file %s" % state_file, state_file))
+    if args.undo:
+        outputs.append(("--undo %s" % args.undo, args.undo))
+    return outputs
 
 
 def cmd_apply(args):
     inp, kind, first = _open_stream(args.input)
     try:
+        state_file = state_path(args.destination, args.state)
+        # No name may stand for two of these: --state equal to the mirror replaced
+        # the mirror with JSON.
+        refuse_same_files([("the stream %s" % (args.input or "on standard input"),
+                            args.input)], _apply_outputs(args, state_file))
         if kind is None:
             if not args.allow_empty:
                 raise StreamError(
@@ -2344,7 +2819,7 @@ def cmd_apply(args):
             dest.sync()
             dest.close()
             return 0
-        # The first header and the chain are checked before the destination is touched.
+        # The first header is checked before the destination is touched.
         if kind == "era":
             header = read_header(inp, first)
         else:
@@ -2355,17 +2830,22 @@ def cmd_apply(args):
             # Push the 8 bytes read to detect the format back in front.
             records = iter_legacy(_Prefixed(inp, first))
             first_record = next(records)
-        state_file = state_path(args.destination, args.state)
-        try:
-            state = load_state(state_file)
-        except ChainError:
-            if not args.force:
-                raise
-            state = None
-        if not args.force:
-            check_chain(state, header, state_file)
+        # Opened and locked before the state is read: two applies that both read
+        # era 1 would both write, and the later state would not match the data.
         dest = Destination(args.destination, readable=bool(args.undo))
         try:
+            try:
+                try:
+                    state = load_state(state_file)
+                except ChainError:
+                    if not args.force:
+                        raise
+                    state = None
+                if not args.force:
+                    check_chain(state, header, state_file)
+            except BaseException:
+                dest.remove_if_created()
+                raise
             if state_file is None and header is not None and header.era is not None:
                 warn("%s is a block device: its era is not recorded without --state FILE"
                      % args.destination)
@@ -2373,11 +2853,12 @@ def cmd_apply(args):
                 _apply_era(inp, header, dest, args, state)
             else:
                 _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
+            # The data is synced: now, and only now, the mirror's era may change,
+            # while the mirror is still locked.
+            if state_file is not None:
+                _record_state(state_file, state, header)
         finally:
             dest.close()
-        # The data is synced: now, and only now, the mirror's era may change.
-        if state_file is not None:
-            _record_state(state_file, state, header)
     finally:
         inp.close()
     return 0
@@ -2391,52 +2872,81 @@ def _record_state(path, state, header):
                        state.get("block_size"), None)
     elif header.era is not None:
         save_state(path, header.source_id, header.device_size, header.block_size, header.era,
-                   header.created)
+                   header.created, header.crc)
     elif header.undo:
         if state is not None:
             remove_state(path)   # back before the first chained stream
     elif state is not None:
         save_state(path, header.source_id, header.device_size, header.block_size, None,
-                   header.created)
+                   header.created, header.crc)
+
+
+def _failure(exc, text):
+    """An error for a failed apply: `text` in the class that `exc` calls for."""
+    if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        return Interrupted(text)
+    if isinstance(exc, EraError):
+        return exc.__class__(text)
+    return EraError(text)
+
+
+def _cause(exc):
+    """What stopped an apply, as the start of a message."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, EraError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return "unexpected %s: %s" % (type(exc).__name__, exc)
 
 
 def _partial(exc, dest):
-    """Say what a failed apply left behind."""
+    """Say what a failed apply left behind (its growth is undone first)."""
+    if dest.created:
+        # Half a mirror that was not there before is worth nothing: no state names it.
+        dest.remove_if_created()
+        return _failure(exc, "%s; %s, created by this apply, is removed"
+                        % (_cause(exc), dest.path))
+    dest.restore_size()
     if dest.written == 0:
-        return exc.__class__("%s; no data was written to %s" % (exc, dest.path))
-    return exc.__class__("%s; %d bytes were written before it: %s is partially updated"
-                         % (exc, dest.written, dest.path))
+        return _failure(exc, "%s; no data was written to %s" % (_cause(exc), dest.path))
+    return _failure(exc, "%s; %d bytes were written before it: %s is partially updated"
+                    % (_cause(exc), dest.written, dest.path))
 
 
 def _apply_era(inp, header, dest, args, state):
+    if dest.is_block and header.device_size > dest.size:
+        raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
+                          % (header.device_size, dest.path, dest.size))
+    if header.undo:
+        if not args.force:
+            check_undo_fits(header, dest, inp.name)
+    elif not dest.is_block and dest.size > header.device_size and not args.force:
+        # A larger mirror is suspect; an undo file may shrink it back.
+        raise DeviceError("%s (%d bytes) is larger than the source (%d bytes): "
+                          "wrong mirror? --force writes to it anyway"
+                          % (dest.path, dest.size, header.device_size))
     undo = None
     if args.undo:
-        # The undo header is durable before anything changes, the file's growth included.
+        # The undo header is durable before anything changes.
         undo = UndoLog(args.undo, dest, header, state)
     try:
-        if dest.is_block and header.device_size > dest.size:
-            raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
-                              % (header.device_size, dest.path, dest.size))
-        # An undo file may shrink the mirror back; otherwise a larger mirror is suspect.
-        if not dest.is_block and dest.size > header.device_size and not (
-                args.force or header.undo):
-            raise DeviceError("%s (%d bytes) is larger than the source (%d bytes): "
-                              "wrong mirror? --force writes to it anyway"
-                              % (dest.path, dest.size, header.device_size))
-        if not dest.is_block and dest.size < header.device_size:
-            dest.resize(header.device_size)
         _apply_chunks(inp, header, dest, undo,
                       Progress(args.progress, "applied", header.total_bytes))
-        if not dest.is_block and dest.size > header.device_size:
-            # Shrink only now that the whole stream is proven.
-            if undo is not None:
+        # Grow or shrink only now that the whole stream is proven: a cut stream
+        # whose header claims a larger device must not leave the mirror that size.
+        if not dest.is_block and dest.size != header.device_size:
+            if undo is not None and dest.size > header.device_size:
                 undo.save(header.device_size, dest.size - header.device_size)
                 undo.sync()
             dest.resize(header.device_size)
         dest.sync()
         if undo is not None:
             undo.finish()
-    except EraError as exc:
+    except BaseException as exc:     # SIGINT too: all or nothing means all or nothing
         if undo is None:
             raise _partial(exc, dest) from None
         raise _roll_back_failed_apply(exc, dest, undo) from None
@@ -2482,7 +2992,13 @@ class ChunkWriter:
     def close(self):
         """Wait for every queued write; then raise the first write error, if any."""
         self.queue.put(None)
-        self.thread.join()
+        while True:
+            try:
+                # Nothing may touch the mirror (a roll back, a truncate) while this writes.
+                self.thread.join()
+                break
+            except KeyboardInterrupt:
+                continue
         if self.error is not None:
             raise self.error
 
@@ -2506,8 +3022,12 @@ def _apply_chunks(stream, header, dest, undo, progress):
             writer.put(offset, length, payload)
             done += length
             progress.update(done)
-    except EraError:
-        writer.close()              # an earlier write error is the one to report
+    except BaseException as exc:
+        try:
+            writer.close()          # an earlier write error is the one to report
+        except BaseException:
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
         raise
     writer.close()
     progress.finish(done)
@@ -2515,10 +3035,14 @@ def _apply_chunks(stream, header, dest, undo, progress):
 
 def _apply_with_undo(reader, dest, undo, progress):
     """Save each region's old content, sync the undo file once per batch, then overwrite."""
-    # The reader reuses its buffer: a batch's chunks wait in buffers of their own, allocated
-    # once (and aligned, so they can be written with O_DIRECT).
-    free = [aligned_buffer(reader.header.chunk_size)
-            for _ in range(max(1, UNDO_BATCH // reader.header.chunk_size))]
+    # The reader reuses its buffer: a batch's chunks wait in slots of one buffer,
+    # allocated once and aligned, so they can be written with O_DIRECT. One
+    # buffer, not one per chunk: 512-byte chunks made 65536 mappings, past the
+    # kernel's limit ("Cannot allocate memory").
+    slot = -(-reader.header.chunk_size // DIRECT_ALIGN) * DIRECT_ALIGN
+    count = max(1, UNDO_BATCH // slot)
+    batch = memoryview(aligned_buffer(slot * count))
+    free = [batch[index * slot:(index + 1) * slot] for index in range(count)]
     pending = []          # chunks whose old content is saved but not yet synced
     done = 0
     for offset, length, payload in reader:
@@ -2544,28 +3068,57 @@ def _write_batch(dest, undo, pending, free):
         if buffer is None:
             dest.write_zeros(offset, length)
         else:
-            dest.write_aligned(offset, memoryview(buffer)[:length])
+            dest.write_aligned(offset, buffer[:length])
             free.append(buffer)
     del pending[:]
 
 
+class _SignalsHeld:
+    """SIGINT, SIGTERM and SIGHUP ignored for a while: a roll back must not be cut short.
+
+    Only the main thread can change them; elsewhere (a test's thread) this does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        import signal
+        self.saved = []
+        for name in self.SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None:
+                continue
+            try:
+                self.saved.append((number, signal.signal(number, signal.SIG_IGN)))
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def __exit__(self, *exc_info):
+        import signal
+        for number, handler in self.saved:
+            signal.signal(number, handler)
+
+
 def _roll_back_failed_apply(exc, dest, undo):
     """All or nothing: put back what a failed apply --undo changed."""
-    undo.close()
-    try:
-        header, entries, _ = read_undo(undo.path)
-        restore_from_undo(dest, undo.path, header, entries)
-    except EraError as again:
-        return exc.__class__("%s; rolling back failed too (%s): run 'era_tool.py rollback %s %s'"
-                             % (exc, again, undo.path, dest.path))
-    try:
-        os.unlink(undo.path)
-        if dest.created:
-            os.unlink(dest.path)
-    except OSError:
-        pass
-    return exc.__class__("%s; rolled back: %s is as it was before this apply"
-                         % (exc, dest.path))
+    with _SignalsHeld():
+        undo.close()
+        try:
+            with UndoFile(undo.path) as saved:
+                if saved.header is None:
+                    raise StreamError("its header is missing")
+                restore_from_undo(dest, saved)
+        except (EraError, OSError) as again:
+            return _failure(exc, "%s; rolling back failed too (%s): run 'era_tool.py rollback "
+                            "%s %s'" % (_cause(exc), _cause(again), undo.path, dest.path))
+        try:
+            os.unlink(undo.path)
+            dest.remove_if_created()
+        except OSError:
+            pass
+    return _failure(exc, "%s; rolled back: %s is as it was before this apply"
+                    % (_cause(exc), dest.path))
 
 
 def _apply_legacy(inp, records, dest, args):
@@ -2580,9 +3133,9 @@ def _apply_legacy(inp, records, dest, args):
                 offset += len(piece)
                 done += len(piece)
                 progress.update(done)
-    except EraError as exc:
+        dest.sync()
+    except BaseException as exc:
         raise _partial(exc, dest) from None
-    dest.sync()
     progress.finish(done)
 
 
@@ -2607,6 +3160,8 @@ class _Prefixed:
 
 
 def cmd_blocks(args):
+    if sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to print the list")
     changed = read_changed_blocks(args.metadata, args.since, snapshot=not args.live)
     out = sys.stdout
     try:
@@ -2619,46 +3174,47 @@ def cmd_blocks(args):
 
 
 def cmd_rollback(args):
-    header, chunks, complete = read_undo(args.undo_file)
-    if header is None:
-        sys.stderr.write("era_tool: %s holds no complete header: the apply that made it "
-                         "changed nothing in %s\n" % (args.undo_file, args.destination))
-        return 0
+    if sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to say what was rolled back")
     state_file = state_path(args.destination, args.state)
-    state = None if args.force else load_state(state_file)
-    if state is not None:
-        # Back from the era the apply reached, or from where it stopped (state unchanged).
-        if state["source_id"] is not None and state["source_id"] != header.source_id:
-            raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
-                             "mirror? (--force rolls back anyway)"
-                             % (header.source_id, state["source_id"], state_file))
-        if header.since_era is not None and state["era"] not in (header.since_era, header.era):
-            raise ChainError("undo file takes the mirror from era %d back to era %s, but it is "
-                             "at era %s (%s): roll back newer undo files first (--force rolls "
-                             "back anyway)" % (header.since_era, header.era, state["era"],
-                                               state_file))
-    dest = Destination(args.destination, create=False)
-    try:
-        if dest.is_block and header.device_size > dest.size:
-            raise DeviceError("undo file is for a %d-byte device but %s has %d bytes"
-                              % (header.device_size, dest.path, dest.size))
-        restore_from_undo(dest, args.undo_file, header, chunks)
-    finally:
-        dest.close()
+    outputs = [("DESTINATION %s" % args.destination, args.destination)]
     if state_file is not None:
-        if header.era is not None:
-            save_state(state_file, header.source_id, header.device_size, header.block_size,
-                       header.era)
-        elif state is not None or args.force:
-            remove_state(state_file)
-    print("rolled back %s: %d chunks restored from %s undo file, size %d bytes%s"
-          % (args.destination, len(chunks), "a complete" if complete else "a cut-short",
-             header.device_size,
-             "" if header.era is None else ", at era %d again" % header.era))
+        outputs.append(("the state file %s" % state_file, state_file))
+    refuse_same_files([("UNDO_FILE %s" % args.undo_file, args.undo_file)], outputs)
+    with UndoFile(args.undo_file) as undo:
+        header = undo.header
+        if header is None:
+            err("era_tool: %s holds no complete header: the apply that made it changed "
+                "nothing in %s" % (shown(args.undo_file), shown(args.destination)))
+            return 0
+        dest = Destination(args.destination, create=False)     # locked from here on
+        try:
+            state = None if args.force else load_state(state_file)
+            if dest.is_block and header.device_size > dest.size:
+                raise DeviceError("undo file is for a %d-byte device but %s has %d bytes"
+                                  % (header.device_size, dest.path, dest.size))
+            if not args.force:
+                check_rollback(undo, dest, state, state_file)
+            with _SignalsHeld():
+                restore_from_undo(dest, undo)
+                if state_file is not None:
+                    if header.era is not None:
+                        save_state(state_file, header.source_id, header.device_size,
+                                   header.block_size, header.era)
+                    elif state is not None or args.force:
+                        remove_state(state_file)
+        finally:
+            dest.close()
+    say("rolled back %s: %d chunks restored from %s undo file, size %d bytes%s"
+        % (shown(args.destination), len(undo.chunks),
+           "a complete" if undo.complete else "a cut-short", header.device_size,
+           "" if header.era is None else ", at era %d again" % header.era))
     return 0
 
 
 def cmd_info(args):
+    if sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to print the description")
     if args.mirror is not None:
         if args.input is not None:
             raise EraError("info shows a stream (-i) or a mirror (MIRROR), not both")
@@ -2741,19 +3297,26 @@ def _mirror_info(args):
 def _print_info(info, as_json):
     if as_json:
         import json
-        print(json.dumps(info, sort_keys=True))
+        say(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
+        if key in ("target_size", "target_crc") and value is None:
+            continue
         if key in ("created", "stream_created", "applied") and isinstance(value, int):
-            value = "%d (%s)" % (value, time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                     time.gmtime(value)))
+            try:
+                value = "%d (%s)" % (value, time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                         time.gmtime(value)))
+            except (OverflowError, OSError, ValueError):
+                value = "%d (not a date)" % value   # a crafted header: still intact
         elif key == "intact" and value is None:
             value = "unknown (the original format has no checksums or end marker)"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         elif value is None:
             value = "-"
-        print("%-12s %s" % (key.replace("_", " ") + ":", value))
+        elif key == "target_crc":
+            value = "0x%08x" % value
+        say("%-12s %s" % (key.replace("_", " ") + ":", shown(value)))
 
 
 # ---------------------------------------------------------------------------
@@ -2773,20 +3336,25 @@ def _version():
 
 def _block_size(text):
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 20 else None
     except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number of sectors" % text)
-    if value <= 0 or value % 8:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not a whole number of sectors" % text[:40])
+    if value <= 0 or value % SECTORS_PER_PAGE or value > MAX_BLOCK_SIZE:
         raise argparse.ArgumentTypeError(
-            "%d: dm-era block sizes are positive multiples of 8 sectors" % value)
+            "%d: dm-era block sizes are positive multiples of 8 sectors, at most %d"
+            % (value, MAX_BLOCK_SIZE))
     return value
 
 
 def _era(text):
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 20 else None
     except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text[:40])
     if not 0 <= value < 1 << 32:
         raise argparse.ArgumentTypeError("%d is not an era (0 .. 4294967295)" % value)
     return value
@@ -3056,7 +3624,26 @@ def check_copy_args(parser, args):
         parser.error("the list starts at era %d, later than --era %d" % (since, args.era))
 
 
+def _fill_closed_descriptors():
+    """Put /dev/null on a closed standard descriptor (`<&-`, `>&-`).
+
+    Otherwise the next file opened takes its number: a mirror opened as
+    descriptor 1 would receive whatever is printed.  Python has already set
+    sys.stdin/stdout/stderr to None for each one closed, and the commands that
+    need one say so.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:            # the lowest free number: fd itself
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv=None):
+    _fill_closed_descriptors()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "copy":
@@ -3064,15 +3651,42 @@ def main(argv=None):
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        sys.stderr.write("\nera_tool: interrupted\n")
+        err("\nera_tool: interrupted")
+        return 130
+    except Interrupted as exc:
+        err("\nera_tool: %s" % exc)
         return 130
     except EraError as exc:
-        sys.stderr.write("era_tool: error: %s\n" % exc)
+        err("era_tool: error: %s" % exc)
         return 1
     except OSError as exc:
         # Anything not caught closer to its cause still gets one line, not a traceback.
-        sys.stderr.write("era_tool: error: %s\n" % exc)
+        err("era_tool: error: %s" % exc)
         return 1
+    except MemoryError:
+        err("era_tool: error: out of memory")
+        return 1
+    except Exception as exc:
+        # A bug: one line all the same, and the traceback for a report when asked for.
+        if os.environ.get("ERA_TOOL_DEBUG"):
+            raise
+        err("era_tool: error: unexpected %s: %s (ERA_TOOL_DEBUG=1 shows where; please "
+            "report it)" % (type(exc).__name__, exc))
+        return 1
+
+
+def _terminate(signum, frame):
+    """SIGTERM and SIGHUP (ssh gone, systemd stopping) are handled as Ctrl-C is."""
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers():
+    import signal
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        # An ignored signal stays ignored: nohup means it.
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            signal.signal(number, _terminate)
 
 
 def exit_now(code):
@@ -3087,8 +3701,7 @@ def exit_now(code):
         if sys.stdout is not None:
             sys.stdout.flush()
     except OSError as exc:
-        sys.stderr.write("era_tool: error: cannot write to standard output: %s\n"
-                         % (exc.strerror or exc))
+        err("era_tool: error: cannot write to standard output: %s" % (exc.strerror or exc))
         code = code or 1
     try:
         if sys.stderr is not None:
@@ -3099,4 +3712,5 @@ def exit_now(code):
 
 
 if __name__ == "__main__":
+    install_signal_handlers()
     exit_now(main())
