@@ -2946,7 +2946,7 @@ def _apply_era(inp, header, dest, args, state):
         dest.sync()
         if undo is not None:
             undo.finish()
-    except BaseException as exc:     # SIGINT too: all or nothing means all or nothing
+    except (Exception, KeyboardInterrupt) as exc:   # SIGINT too: all or nothing
         if undo is None:
             raise _partial(exc, dest) from None
         raise _roll_back_failed_apply(exc, dest, undo) from None
@@ -3134,7 +3134,7 @@ def _apply_legacy(inp, records, dest, args):
                 done += len(piece)
                 progress.update(done)
         dest.sync()
-    except BaseException as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         raise _partial(exc, dest) from None
     progress.finish(done)
 
@@ -3335,6 +3335,9 @@ def _version():
 
 
 def _block_size(text):
+    if text.strip().isdigit() and len(text.strip()) > 20:
+        raise argparse.ArgumentTypeError("%s...: larger than any dm-era block size (at most "
+                                         "%d sectors)" % (text.strip()[:20], MAX_BLOCK_SIZE))
     try:
         value = int(text) if len(text) <= 20 else None
     except ValueError:

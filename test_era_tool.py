@@ -1782,6 +1782,605 @@ class TestBackupSettings:
 
 
 # ---------------------------------------------------------------------------
+# Hardening: operator mistakes and hostile input cost no data
+# ---------------------------------------------------------------------------
+
+
+def craft_stream(header, chunks=(), trailer=True, cut=None):
+    """A stream with valid checksums from any fields: (offset, payload or length) chunks."""
+    head = header.pack()
+    seed = struct.unpack("<I", head[-4:])[0]
+    out = bytearray(head)
+    stream_crc = zlib.crc32(head)
+    data = zero = 0
+    for seq, (offset, payload) in enumerate(chunks):
+        if isinstance(payload, int):
+            fields = struct.pack("<4sIQI", b"ZERO", seq, offset, payload)
+            crc = zlib.crc32(fields, seed)
+            zero += payload
+            body = b""
+        else:
+            fields = struct.pack("<4sIQI", b"DATA", seq, offset, len(payload))
+            crc = zlib.crc32(fields, zlib.crc32(payload, seed))
+            data += len(payload)
+            body = payload
+        record = fields + struct.pack("<I", crc)
+        stream_crc = zlib.crc32(record, stream_crc)
+        out += record + body
+    if trailer:
+        fields = struct.pack("<4sIQQ", b"DONE", len(chunks), data, zero)
+        out += fields + struct.pack("<I", zlib.crc32(fields, stream_crc))
+    return bytes(out[:cut])
+
+
+def tool_process(args, **kw):
+    """era_tool.py as a process whose stdin the test feeds."""
+    return subprocess.Popen([sys.executable, TOOL] + list(args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def wait_until(predicate, seconds=20):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def holds_lock(path):
+    """Whether some process holds an flock on `path`."""
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+class TestOneWriter:
+    """Two applies at once left era 3 recorded over era 2 data."""
+
+    def test_second_apply_refused_while_the_first_runs(self, tmp_path):
+        old = random_bytes(64 * BLOCK, 200)
+        source = write(tmp_path / "src", old)
+        mirror = str(tmp_path / "m.img")
+        full = make_stream(tmp_path, source, [(0, 64)], "--era", "1", "--source-id", "s",
+                           name="full")
+        assert era_tool.main(["apply", "-i", write(tmp_path / "full", full), mirror]) == 0
+        v2 = bytearray(old)
+        v2[:2] = b"V2"
+        write(source, bytes(v2))
+        a = write(tmp_path / "A", make_stream(tmp_path, source, [(0, 1)], "--since-era", "1",
+                                              "--era", "2", "--source-id", "s", name="A"))
+        v3 = bytearray(v2)
+        v3[:2] = b"V3"
+        write(source, bytes(v3))
+        b = make_stream(tmp_path, source, [(0, 64)], "--since-era", "1", "--era", "3",
+                        "--source-id", "s", name="B")
+        other = write(tmp_path / "other.img", read(mirror))
+        undo = str(tmp_path / "other.undo")
+        assert era_tool.main(["apply", "--undo", undo, "-i", a, other]) == 0
+        first = tool_process(["apply", mirror])
+        first.stdin.write(b[:len(b) // 2])
+        first.stdin.flush()
+        wait_until(lambda: holds_lock(mirror))
+        second = run_cli(["apply", "-i", a, mirror])
+        assert second.returncode == 1
+        assert_one_line_error(second.stderr.decode(), "being written by another era_tool")
+        rollback = run_cli(["rollback", undo, mirror])
+        assert rollback.returncode == 1
+        assert_one_line_error(rollback.stderr.decode(), "being written by another era_tool")
+        _, err = first.communicate(b[len(b) // 2:])
+        assert first.returncode == 0, err
+        assert read(mirror) == bytes(v3)
+        assert json.loads(read(mirror + ".era"))["era"] == 3
+        # Released with its process: the next apply goes ahead.
+        assert run_cli(["apply", "-i", a, mirror]).returncode == 0
+
+    def test_lock_is_on_the_file_whatever_its_name(self, tmp_path):
+        mirror = write(tmp_path / "m.img", bytes(16 * BLOCK))
+        os.symlink(mirror, str(tmp_path / "link"))
+        os.link(mirror, str(tmp_path / "hard"))
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 201))
+        stream = make_stream(tmp_path, source, [(0, 16)])
+        first = tool_process(["apply", mirror])
+        first.stdin.write(stream[:len(stream) // 2])
+        first.stdin.flush()
+        wait_until(lambda: holds_lock(mirror))
+        for other in ("link", "hard"):
+            result = run_cli(["apply", "-i", write(tmp_path / "s", stream),
+                              str(tmp_path / other)])
+            assert result.returncode == 1
+            assert_one_line_error(result.stderr.decode(), "being written by another era_tool")
+        first.communicate(stream[len(stream) // 2:])
+        assert first.returncode == 0
+
+
+class TestDistinctPaths:
+    """No name stands for two things: an output is never an input or another output."""
+
+    def test_state_equal_to_the_mirror(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        for state in (case.mirror, str(tmp_path / "mirror-link")):
+            if state != case.mirror:
+                os.symlink(case.mirror, state)
+            code, _, err = run_main(["apply", "--state", state, "-i", case.stream_path,
+                                     case.mirror], capsys)
+            assert code == 1
+            assert_one_line_error(err, "the same file")
+            assert read(case.mirror) == case.old
+
+    def test_undo_file_equal_to_the_state_file(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        state = read(case.mirror + ".era")
+        code, _, err = run_main(["apply", "--undo", case.mirror + ".era", "-i",
+                                 case.stream_path, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "--undo", "the same file")
+        assert read(case.mirror + ".era") == state and read(case.mirror) == case.old
+
+    def test_undo_file_equal_to_a_new_state_file(self, tmp_path, capsys):
+        # Neither exists yet: told apart by their resolved paths.
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["apply", "--state", str(tmp_path / "x"), "--undo",
+                                 str(tmp_path / "." / "x"), "-i", case.stream_path,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "the same file")
+        assert not (tmp_path / "x").exists()
+
+    def test_stream_equal_to_an_output(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["apply", "--undo", case.stream_path, "-i", case.stream_path,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "the same file")
+        assert read(case.stream_path) == case.stream
+
+    @pytest.mark.parametrize("how", ["same", "symlink", "hard link"])
+    def test_copy_output_equal_to_the_device(self, tmp_path, capsys, how):
+        data = random_bytes(16 * BLOCK, 202)
+        source = write(tmp_path / "src", data)
+        output = source
+        if how == "symlink":
+            output = str(tmp_path / "out")
+            os.symlink(source, output)
+        elif how == "hard link":
+            output = str(tmp_path / "out")
+            os.link(source, output)
+        code, _, err = run_main(["copy", "--full", "-o", output, "8", source], capsys)
+        assert code == 1
+        assert_one_line_error(err, "the same file")
+        assert read(source) == data
+
+    def test_copy_to_standard_output_appending_to_the_device(self, tmp_path):
+        data = random_bytes(16 * BLOCK, 203)
+        source = write(tmp_path / "src", data)
+        with open(source, "ab") as out:
+            result = subprocess.run([sys.executable, TOOL, "copy", "--full", "8", source],
+                                    stdout=out, stderr=subprocess.PIPE)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "the same file")
+        assert read(source) == data
+
+    def test_copy_list_equal_to_the_output(self, tmp_path, capsys):
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 204))
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 2)]))
+        code, _, err = run_main(["copy", "-i", xml, "-o", xml, "8", source], capsys)
+        assert code == 1
+        assert_one_line_error(err, "the same file")
+        assert read(xml) == blocks_xml([(0, 2)])
+
+    def test_rollback_undo_file_equal_to_the_mirror(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["rollback", case.mirror, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "the same file")
+        assert read(case.mirror) == case.old
+
+    def test_failing_copy_keeps_a_device_node(self, tmp_path, capsys):
+        # -o onto a device that fails (/dev/full's numbers): the node must stay.
+        node = str(tmp_path / "full")
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 7))
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 205))
+        code, _, err = run_main(["copy", "--full", "-o", node, "8", source], capsys)
+        assert code == 1
+        assert_one_line_error(err, "No space left on device")
+        assert stat.S_ISCHR(os.lstat(node).st_mode)
+
+    def test_failing_copy_keeps_an_existing_file(self, tmp_path, capsys, monkeypatch):
+        old = random_bytes(1000, 206)
+        output = write(tmp_path / "out.era", old)
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 207))
+
+        def fail(*args):
+            raise era_tool.DeviceError("read error (test)")
+        monkeypatch.setattr(era_tool.Source, "read", fail)
+        code, _, err = run_main(["copy", "--full", "-o", output, "8", source], capsys)
+        assert code == 1
+        assert read(output) == old
+        assert os.listdir(str(tmp_path)) == sorted(["out.era", "src"]) or \
+            sorted(os.listdir(str(tmp_path))) == ["out.era", "src"]
+
+
+class TestUndoBelongs:
+    """An undo file goes back only onto its own mirror, and only whole where it must be."""
+
+    def test_other_mirrors_undo_file_without_state(self, tmp_path, capsys):
+        (tmp_path / "a").mkdir()
+        small = UndoCase(tmp_path / "a", blocks=32)
+        assert run_main(["apply", "--undo", small.undo, "-i", small.stream_path,
+                         small.mirror], capsys)[0] == 0
+        big = random_bytes(128 * BLOCK, 210)
+        mirror = write(tmp_path / "big.img", big)
+        code, _, err = run_main(["rollback", small.undo, mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "wrong mirror")
+        assert read(mirror) == big
+
+    def test_truncated_undo_file_of_a_completed_apply(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                         case.mirror], capsys)[0] == 0
+        applied = read(case.mirror)
+        whole = read(case.undo)
+        write(case.undo, whole[:len(whole) // 2])
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "cut short", "completed", "--force")
+        assert read(case.mirror) == applied and case.era() == 9
+        # --force puts back what it holds, as asked.
+        code, out, err = run_main(["rollback", "--force", case.undo, case.mirror], capsys)
+        assert code == 0, err
+        assert "cut-short" in out
+
+    def test_bit_flipped_undo_file_of_a_completed_apply(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                         case.mirror], capsys)[0] == 0
+        applied = read(case.mirror)
+        damaged = bytearray(read(case.undo))
+        damaged[len(damaged) // 2] ^= 1
+        write(case.undo, bytes(damaged))
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "damaged", "completed", "move the undo file away")
+        assert read(case.mirror) == applied
+
+    @pytest.mark.parametrize("content", [b"hello", b"x" * 59, b"\x89ERA\r\n\x1a\x0b",
+                                         b"ERARANGE" + bytes(20)],
+                             ids=["text", "59 bytes", "wrong magic", "original format"])
+    def test_not_an_undo_file(self, tmp_path, capsys, content):
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["rollback", write(tmp_path / "junk", content), case.mirror],
+                                capsys)
+        assert code == 1
+        assert_one_line_error(err, "not an undo file")
+        assert read(case.mirror) == case.old
+
+    @pytest.mark.parametrize("content", [b"", bytes(100), b"\x89ERA\r\n\x1a\n\x01"],
+                             ids=["empty", "zeros", "cut header"])
+    def test_undo_file_of_an_apply_that_died_at_once(self, tmp_path, capsys, content):
+        case = UndoCase(tmp_path)
+        code, _, err = run_main(["rollback", write(tmp_path / "u", content), case.mirror],
+                                capsys)
+        assert code == 0
+        assert "changed nothing" in err
+        assert read(case.mirror) == case.old
+
+    def test_undo_file_applied_as_a_stream_onto_another_mirror(self, tmp_path, capsys):
+        case = UndoCase(tmp_path, blocks=32)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                         case.mirror], capsys)[0] == 0
+        other = write(tmp_path / "other.img", random_bytes(128 * BLOCK, 211))
+        code, _, err = run_main(["apply", "-i", case.undo, other], capsys)
+        assert code == 1
+        assert_one_line_error(err, "wrong mirror")
+
+    def test_backup_sh_names_a_damaged_undo_file(self, tmp_path):
+        # The message of backup.sh's own step, through the rollback it runs.
+        case = UndoCase(tmp_path)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        damaged = bytearray(read(case.undo))
+        damaged[-30] ^= 1
+        write(case.undo, bytes(damaged))
+        result = run_cli(["rollback", case.undo, case.mirror])
+        assert result.returncode == 1
+        assert "mirror.img itself is intact" in result.stderr.decode()
+
+
+class TestProvenGrowth:
+    """Nothing changes size before the stream proves it may."""
+
+    def huge_cut_stream(self, size):
+        header = era_tool.StreamHeader(1 << 40, BLOCK, BLOCK_SECTORS)
+        return craft_stream(header, [(0, random_bytes(BLOCK, 212))], trailer=False)
+
+    @pytest.mark.parametrize("undo", [False, True])
+    def test_cut_stream_claiming_a_larger_device(self, tmp_path, capsys, undo):
+        old = random_bytes(256 * BLOCK, 213)
+        mirror = write(tmp_path / "m.img", old)
+        options = ["--undo", str(tmp_path / "u")] if undo else []
+        code, _, err = run_main(["apply"] + options + [
+            "-i", write(tmp_path / "bad", self.huge_cut_stream(1 << 40)), mirror], capsys)
+        assert code == 1
+        assert os.path.getsize(mirror) == len(old)
+        # The right stream is not refused afterwards as too small for the mirror.
+        source = write(tmp_path / "src", random_bytes(256 * BLOCK, 214))
+        good = write(tmp_path / "good", make_stream(tmp_path, source, [(0, 256)]))
+        assert run_main(["apply", "-i", good, mirror], capsys)[0] == 0
+        assert read(mirror) == read(source)
+
+    def test_growth_waits_for_the_trailer(self, tmp_path):
+        # Killed before the trailer: the mirror is no larger than what was written.
+        mirror = write(tmp_path / "m.img", bytes(BLOCK))
+        header = era_tool.StreamHeader(1 << 30, BLOCK, BLOCK_SECTORS)
+        stream = craft_stream(header, [(0, random_bytes(BLOCK, 215))], trailer=False)
+        proc = tool_process(["apply", mirror])
+        proc.stdin.write(stream)
+        proc.stdin.flush()
+        time.sleep(1)
+        proc.kill()
+        proc.communicate()
+        assert os.path.getsize(mirror) <= BLOCK
+
+
+class TestSafeFiles:
+    def test_planted_symlink_at_the_old_temporary_name(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        victim = write(tmp_path / "victim", b"precious")
+        os.symlink(victim, case.mirror + ".era.tmp%d" % os.getpid())
+        assert run_main(["apply", "-i", case.stream_path, case.mirror], capsys)[0] == 0
+        assert read(victim) == b"precious"
+        assert case.era() == 9
+
+    @pytest.mark.parametrize("change", [
+        {"era": float("nan")}, {"era": "3"}, {"era": True}, {"era": 3.0}, {"era": -1},
+        {"era": 1 << 32}, {"block_size": 7}, {"block_size": 0}, {"source_size": 1 << 70},
+        {"source_id": 5}, {"source_id": ["a"]}, {"stream_crc": "x"}, {"era": [[[]]]}])
+    def test_state_with_wrong_values(self, tmp_path, capsys, change):
+        case = UndoCase(tmp_path)
+        state = json.loads(read(case.mirror + ".era"))
+        state.update(change)
+        text = json.dumps(state).encode()
+        write(case.mirror + ".era", text)
+        code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "state file %s is damaged" % (case.mirror + ".era"))
+        assert read(case.mirror) == case.old and read(case.mirror + ".era") == text
+
+    @pytest.mark.parametrize("role", ["state", "device", "destination", "undo file"])
+    def test_fifo_is_refused_not_waited_on(self, tmp_path, role):
+        case = UndoCase(tmp_path)
+        fifo = str(tmp_path / "fifo")
+        os.mkfifo(fifo)
+        args = {"state": ["apply", "--state", fifo, "-i", case.stream_path, case.mirror],
+                "device": ["copy", "--full", "8", fifo],
+                "destination": ["apply", "-i", case.stream_path, fifo],
+                "undo file": ["rollback", fifo, case.mirror]}[role]
+        result = run_cli(args, timeout=20)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "not a regular file")
+
+
+class TestPrivateFiles:
+    def test_created_files_are_private(self, tmp_path, capsys):
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 220))
+        stream = str(tmp_path / "s.era")
+        assert run_main(["copy", "--full", "--era", "3", "-o", stream, "8", source],
+                        capsys)[0] == 0
+        mirror = str(tmp_path / "m.img")
+        assert run_main(["apply", "-i", stream, mirror], capsys)[0] == 0
+        changed = write(tmp_path / "s2.era", make_stream(
+            tmp_path, source, [(0, 1)], "--since-era", "3", "--era", "4"))
+        undo = str(tmp_path / "m.undo")
+        assert run_main(["apply", "--undo", undo, "-i", changed, mirror], capsys)[0] == 0
+        for path in (stream, mirror, undo, mirror + ".era"):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+    def test_a_chosen_mode_is_kept(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        os.chmod(case.mirror, 0o640)
+        os.chmod(case.mirror + ".era", 0o640)
+        assert run_main(["apply", "-i", case.stream_path, case.mirror], capsys)[0] == 0
+        assert stat.S_IMODE(os.stat(case.mirror).st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(case.mirror + ".era").st_mode) == 0o640
+
+
+class TestBounds:
+    """Every number from outside is checked before it reaches a system call."""
+
+    @pytest.mark.parametrize("field", ["device_size", "offset"])
+    def test_numbers_past_what_a_file_can_hold(self, tmp_path, capsys, field):
+        big = 1 << 63
+        if field == "device_size":
+            header = era_tool.StreamHeader(big, BLOCK, BLOCK_SECTORS)
+            stream = craft_stream(header, [(0, random_bytes(BLOCK, 221))])
+        else:
+            header = era_tool.StreamHeader((1 << 64) - 1, BLOCK, BLOCK_SECTORS)
+            stream = craft_stream(header, [(big, random_bytes(BLOCK, 221))])
+        case = UndoCase(tmp_path)
+        path = write(tmp_path / "big", stream)
+        for argv in (["apply", "--force", "-i", path, case.mirror],
+                     ["apply", "--force", "--undo", str(tmp_path / "u"), "-i", path,
+                      case.mirror],
+                     ["info", "-i", path]):
+            code, _, err = run_main(argv, capsys)
+            assert code == 1, argv
+            assert_one_line_error(err, "more than a file or device can hold")
+        assert read(case.mirror) == case.old
+        undo_header = era_tool.StreamHeader(big, BLOCK, BLOCK_SECTORS, undo=True)
+        code, _, err = run_main(["rollback", "--force", write(
+            tmp_path / "u2", craft_stream(undo_header)), case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "more than a file or device can hold")
+
+    def test_legacy_record_past_what_a_file_can_hold(self, tmp_path, capsys):
+        mirror = write(tmp_path / "m", bytes(BLOCK))
+        record = struct.pack("=8sqq", b"ERARANGE", (1 << 63) - 10, 100) + bytes(100)
+        code, _, err = run_main(["apply", "-i", write(tmp_path / "l", record), mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "reach past what a file or device can hold")
+
+    @pytest.mark.parametrize("xml", [
+        b'<blocks><block block="%s"/></blocks>' % (b"9" * 5000),
+        b'<blocks><range begin="1" end="%s"/></blocks>' % (b"9" * 5000),
+        b'<blocks><block block=" %s"/></blocks>' % (b"9" * 5000)],
+        ids=["block", "range end", "block with a space"])
+    def test_block_number_of_thousands_of_digits(self, tmp_path, capsys, xml):
+        result = run_cli(["copy", "8"], stdin=xml)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "out of range")
+        assert len(result.stderr) < 300
+
+    @pytest.mark.parametrize("size", [str(1 << 32), "9" * 5000], ids=["2^32", "5000 digits"])
+    def test_block_size_past_32_bits(self, tmp_path, size):
+        source = write(tmp_path / "src", bytes(BLOCK))
+        result = run_cli(["copy", "--full", size, source])
+        assert result.returncode == 2
+        assert b"Traceback" not in result.stderr and b"block size" in result.stderr
+
+    def test_closed_standard_descriptors(self, tmp_path):
+        source = write(tmp_path / "src", random_bytes(16 * BLOCK, 222))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 2)]))
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 2)]))
+        mirror = str(tmp_path / "m")
+        script = 'exec "$@"'
+        cases = [
+            ("copy 8 src <&-", ["copy", "8", source], "0<&-", "standard input is closed"),
+            ("apply <&-", ["apply", mirror], "0<&-", "standard input is closed"),
+            ("estimate >&-", ["copy", "-i", xml, "8"], "1>&-", "standard output is closed"),
+            ("info >&-", ["info", "-i", stream], "1>&-", "standard output is closed"),
+            ("copy >&-", ["copy", "-i", xml, "8", source], "1>&-", "standard output is closed"),
+        ]
+        for name, args, redirect, message in cases:
+            result = subprocess.run(["sh", "-c", 'exec "$@" %s' % redirect, "sh",
+                                     sys.executable, TOOL] + args,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, timeout=20)
+            assert result.returncode == 1, name
+            assert_one_line_error(result.stderr.decode(), message)
+        assert not os.path.exists(mirror)
+        del script
+        # Nothing printed lands in a file that took descriptor 1's number.
+        result = subprocess.run(["sh", "-c", 'exec "$@" 1>&-', "sh", sys.executable, TOOL,
+                                 "apply", "-i", stream, mirror], stderr=subprocess.PIPE,
+                                timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert read(mirror)[:2 * BLOCK] == read(source)[:2 * BLOCK]
+        # With stderr closed an error still exits 1.
+        result = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, TOOL,
+                                 "info", "-i", str(tmp_path / "missing")],
+                                stdout=subprocess.PIPE, timeout=20)
+        assert result.returncode == 1
+
+    def test_ascii_output_and_escapes_in_a_source_id(self, tmp_path):
+        source = write(tmp_path / "src", random_bytes(2 * BLOCK, 223))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 1)], "--source-id",
+                                                   "h\u00f6st:\x1b[31mroot"))
+        env = dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C")
+        result = run_cli(["info", "-i", stream], env=env)
+        assert result.returncode == 0, result.stderr
+        assert b"\x1b" not in result.stdout
+        assert b"source id:   h\\xf6st:\\x1b[31mroot" in result.stdout
+        mirror = str(tmp_path / "m\u00e9")
+        assert run_cli(["apply", "-i", stream, mirror], env=env).returncode == 0
+        result = run_cli(["info", mirror], env=env)
+        assert result.returncode == 0, result.stderr
+
+    def test_created_past_any_date(self, tmp_path, capsys):
+        header = era_tool.StreamHeader(BLOCK, BLOCK, BLOCK_SECTORS, created=1 << 60)
+        path = write(tmp_path / "s", craft_stream(header, [(0, random_bytes(BLOCK, 224))]))
+        code, out, err = run_main(["info", "-i", path], capsys)
+        assert code == 0, err
+        assert "not a date" in out and "intact:      yes" in out
+
+    @pytest.mark.parametrize("chunk_size", [1, 512])
+    def test_tiny_chunks_with_undo(self, tmp_path, capsys, chunk_size):
+        data = random_bytes(4 * BLOCK, 225)
+        mirror = write(tmp_path / "m", random_bytes(4 * BLOCK, 226))
+        chunks = [(offset, data[offset:offset + chunk_size])
+                  for offset in range(0, 2 * chunk_size, chunk_size)]
+        header = era_tool.StreamHeader(4 * BLOCK, 2 * chunk_size, BLOCK_SECTORS, chunk_size)
+        stream = write(tmp_path / "s", craft_stream(header, chunks))
+        undo = str(tmp_path / "u")
+        code, _, err = run_main(["apply", "--undo", undo, "-i", stream, mirror], capsys)
+        assert code == 0, err
+        assert read(mirror)[:2 * chunk_size] == data[:2 * chunk_size]
+
+
+class TestInterrupts:
+    """Interrupted is never silent, and all or nothing holds for --undo."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+    def test_signal_during_apply_with_undo_rolls_back(self, tmp_path, signum, small_chunks):
+        case = UndoCase(tmp_path)
+        proc = tool_process(["apply", "--undo", case.undo, case.mirror])
+        proc.stdin.write(case.stream[:len(case.stream) * 2 // 3])
+        proc.stdin.flush()
+        wait_until(lambda: os.path.exists(case.undo) and os.path.getsize(case.undo) > 0)
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        err = err.decode()
+        assert "interrupted" in err and "rolled back" in err and "Traceback" not in err
+        assert read(case.mirror) == case.old and case.era() == 5
+        assert not os.path.exists(case.undo)
+
+    def test_sigterm_during_plain_apply_says_what_was_left(self, tmp_path, small_chunks):
+        case = UndoCase(tmp_path)
+        proc = tool_process(["apply", case.mirror])
+        proc.stdin.write(case.stream[:len(case.stream) * 2 // 3])
+        proc.stdin.flush()
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        err = err.decode()
+        assert "interrupted" in err and "partially updated" in err, err
+        assert case.era() == 5
+
+    @pytest.mark.parametrize("args", [["apply", "m"], ["info"], ["copy", "8", "src"],
+                                      ["copy", "8"]])
+    def test_terminal_input_is_refused(self, tmp_path, args):
+        master, slave = pty.openpty()
+        try:
+            result = subprocess.run([sys.executable, TOOL] + args, stdin=slave,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=str(tmp_path), timeout=20)
+        finally:
+            os.close(slave)
+            os.close(master)
+        write(tmp_path / "src", bytes(BLOCK))
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "from a terminal")
+        assert not (tmp_path / "m").exists()
+
+
+class TestHostileLists:
+    def test_out_of_order_list_in_bounded_memory(self, tmp_path):
+        # 1.5 GB for 10 million out-of-order blocks before; here 3 million, descending.
+        count = 3000000
+        path = tmp_path / "l.xml"
+        with open(str(path), "w") as f:
+            f.write("<blocks>\n")
+            for block in range(2 * count, 0, -2):
+                f.write('  <block block="%d"/>\n' % block)
+            f.write("</blocks>\n")
+        script = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+                  "stdout=subprocess.PIPE); print(r.returncode, r.stdout.decode().split()[0], "
+                  "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        result = subprocess.run([sys.executable, "-c", script, sys.executable, TOOL, "copy",
+                                 "-i", str(path), "8"], stdout=subprocess.PIPE, timeout=300)
+        code, estimate, rss_kib = result.stdout.split()
+        assert int(code) == 0
+        assert int(estimate) == count * BLOCK
+        assert int(rss_kib) < 160 * 1024, "peak RSS %d KiB" % int(rss_kib)
+
+
+# ---------------------------------------------------------------------------
 # Real era_invalidate output (thin-provisioning-tools)
 # ---------------------------------------------------------------------------
 
@@ -1881,8 +2480,8 @@ METADATA_SIZE = 8 << 20
 # ---------------------------------------------------------------------------
 
 
-class Hang(Exception):
-    """Not an OSError, so that no error handling in the reader can swallow it."""
+class Hang(BaseException):
+    """Not an Exception, so that no error handling in the tool can swallow it."""
 
 
 @contextmanager
