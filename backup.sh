@@ -237,7 +237,10 @@ passes_run=0
 # Undo files of earlier passes, oldest first (the names sort by date).
 undo_files() {
     local f
-    for f in "$mirror".undo.*; do [ -e "$f" ] && printf '%s\n' "$f"; done
+    for f in "$mirror".undo.*; do
+        case $f in *.damaged) continue ;; esac
+        [ -e "$f" ] && printf '%s\n' "$f"
+    done
     return 0
 }
 
@@ -265,11 +268,14 @@ on_exit() {
 trap on_exit EXIT
 
 # A pass killed with the backup host (power, OOM) leaves its undo file without a trailer: finish its rollback,
-# so the mirror is whole again before anything else.
+# so the mirror is whole again before anything else. rollback tells that apart from an undo file damaged after
+# its pass completed (the mirror's state names the stream it applied), which it refuses: the mirror is whole
+# then, and only that one older version is lost.
 last_undo=$(undo_files | tail -n 1)
 if [ -n "$last_undo" ] && ! python3 "$TOOL" info -i "$last_undo" >/dev/null 2>&1; then
-    log "the last pass did not finish: rolling $mirror back with $last_undo"
-    python3 "$TOOL" rollback "$last_undo" "$mirror"
+    log "$last_undo is not a complete undo file: rolling back the pass that wrote it"
+    python3 "$TOOL" rollback "$last_undo" "$mirror" ||
+        die "cannot roll back with $last_undo (the line above says why). If it says the apply completed, $mirror is whole: move $last_undo out of the way (mv -- '$last_undo' '$last_undo.damaged') and run again"
     rm -f -- "$last_undo"
 fi
 

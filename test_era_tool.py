@@ -1762,6 +1762,31 @@ class TestBackupSettings:
         assert b"failed" in result.stderr
         assert not (tmp_path / "e.img").exists() and not (tmp_path / "e.img.era").exists()
 
+    def test_damaged_undo_file_of_a_completed_pass(self, tmp_path):
+        # Every later run failed with "the last pass did not finish"; now it says what is
+        # wrong and how to go on, and leaves the mirror alone.
+        case = UndoCase(tmp_path)
+        mirror = str(tmp_path / "e.img")
+        os.rename(case.mirror, mirror)
+        os.rename(case.mirror + ".era", mirror + ".era")
+        undo = mirror + ".undo.20261202-030000.001.incremental"
+        assert era_tool.main(["apply", "--undo", undo, "-i", case.stream_path, mirror]) == 0
+        applied = read(mirror)
+        damaged = bytearray(read(undo))
+        damaged[len(damaged) // 2] ^= 1
+        write(undo, bytes(damaged))
+        result = run_backup(tmp_path, self.GOOD % tmp_path + "SSH=false\nKEEP_UNDO=2\n")
+        assert result.returncode == 1
+        err = result.stderr.decode()
+        assert "the apply that wrote it completed" in err and "move %s out of the way" % undo \
+            in err, err
+        assert read(mirror) == applied
+        # Moved away as told: the run goes on (to the unreachable host, here).
+        os.rename(undo, undo + ".damaged")
+        result = run_backup(tmp_path, self.GOOD % tmp_path + "SSH=false\nKEEP_UNDO=2\n")
+        assert b"not a complete undo file" not in result.stderr
+        assert read(mirror) == applied
+
     def test_usage(self, tmp_path):
         result = subprocess.run(["bash", BACKUP, "a", "b"], stderr=subprocess.PIPE)
         assert result.returncode == 2 and b"usage" in result.stderr
