@@ -28,14 +28,15 @@ Usage examples::
     python3 era_tool.py rollback /backup/root.img.undo.1 /backup/root.img
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error,
-130 interrupted.
+130 interrupted (SIGINT, SIGTERM, SIGHUP).
 
 Stream format (all integers little-endian; CRC-32 is zlib.crc32):
 
     header   magic        8  89 45 52 41 0d 0a 1a 0a  ("\\x89ERA\\r\\n\\x1a\\n")
              version      2  1
              flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy,
-                             bit 3 undo file (old content an apply overwrote)
+                             bit 3 undo file (old content an apply overwrote),
+                             bit 4 target fields follow (undo files only)
              device_size  8  bytes of the source device
              total_bytes  8  bytes covered by all chunks (data + zero)
              block_size   4  dm-era block size, 512-byte sectors
@@ -45,6 +46,8 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
              created      8  seconds since the epoch, signed
              id_length    4  bytes of source id that follow (at most 1024)
              source_id    n  UTF-8
+             target_size  8  with bit 4: the mirror's size after the apply
+             target_crc   4  with bit 4: header_crc of the stream applied
              header_crc   4  CRC-32 of every header byte before it
     chunk    tag          4  b"DATA" (payload follows) or b"ZERO" (none)
              seq          4  chunk number, from 0
@@ -3395,7 +3398,9 @@ examples:
 
 exit 0 means the stream was complete and intact and the data is on disk (fsync).
 On a damaged or cut stream nothing unverified is written; the message says how
-much was applied and that the destination is partially updated.
+much was applied and that the destination is partially updated (with --undo:
+rolled back). One apply or rollback per mirror at a time (flock); a mirror,
+undo or state file that apply creates is mode 0600 (chmod it to share it).
 """
 
 BLOCKS_EPILOG = """\
