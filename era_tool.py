@@ -311,6 +311,9 @@ class _BlockListTarget:
             else:
                 begins.append(begin)
                 ends.append(end)
+                # The range to merge the next one into is this one now: with the
+                # end of an earlier range here, blocks were dropped (before 0.2).
+                last_end = end
                 if not runs:
                     runs.append(array.array("Q"))   # marks the list as out of order
                 if len(begins) >= SORT_BATCH:
@@ -388,7 +391,8 @@ def _block_number(tag, attrib, name):
     text = attrib[name].strip()
     if text.isascii():
         if text.isdigit():
-            if len(text.lstrip("0")) > MAX_NUMBER_DIGITS:
+            text = text.lstrip("0") or "0"
+            if len(text) > MAX_NUMBER_DIGITS:
                 raise BlockListError("%s: %s is out of range (dm-era counts blocks in 32 bits)"
                                      % (_describe(tag, attrib), name))
             return int(text)
@@ -2220,12 +2224,14 @@ def load_state(path):
     if path is None:
         return None
     try:
-        fd, _ = open_device(path, os.O_RDONLY, "state file ")
+        fd, info = open_device(path, os.O_RDONLY, "state file ")
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _os_error(exc, "cannot read state file %s" % path) from None
     try:
+        if not stat.S_ISREG(info.st_mode):
+            raise DeviceError("state file %s is not a regular file" % path)
         data = os.read(fd, STATE_MAX + 1)
     except OSError as exc:
         raise _os_error(exc, "cannot read state file %s" % path) from None
