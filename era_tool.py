@@ -2272,6 +2272,15 @@ def check_chain(state, header, path):
     re-sends current data.
     """
     if state is None:
+        if path is not None and header is not None and header.since_era is not None and \
+                not (header.full or header.undo):
+            # A typo in the mirror's name, or the mirror under another name (a link):
+            # the changes since one era alone, on a mirror with no known era, are garbage
+            # that every later incremental would build on.
+            raise ChainError("stream holds the changes since era %d, but the mirror has no "
+                             "recorded state (%s): a new or wrong mirror? Apply a --full "
+                             "stream first (--force applies anyway)"
+                             % (header.since_era, shown(path)))
         return
     if header is None:
         raise ChainError("%s records era %s, and an original-format stream carries no era: "
@@ -2839,6 +2848,8 @@ def cmd_apply(args):
             # Push the 8 bytes read to detect the format back in front.
             records = iter_legacy(_Prefixed(inp, first))
             first_record = next(records)
+        if not args.force:
+            _refuse_stream_as_mirror(args.destination)
         # Opened and locked before the state is read: two applies that both read
         # era 1 would both write, and the later state would not match the data.
         dest = Destination(args.destination, readable=bool(args.undo))
@@ -2871,6 +2882,21 @@ def cmd_apply(args):
     finally:
         inp.close()
     return 0
+
+
+def _refuse_stream_as_mirror(path):
+    """A stream or undo file given as DESTINATION would be overwritten: the only way back."""
+    try:
+        fd, info = open_device(path, os.O_RDONLY)
+    except OSError:
+        return                        # missing (created) or unusable: Destination says
+    try:
+        first = os.pread(fd, len(MAGIC), 0) if stat.S_ISREG(info.st_mode) else b""
+    finally:
+        os.close(fd)
+    if first in (MAGIC, LEGACY_MAGIC):
+        raise EraError("%s is an era_tool stream or undo file, not a mirror: wrong argument? "
+                       "(--force writes to it anyway)" % shown(path))
 
 
 def _record_state(path, state, header):

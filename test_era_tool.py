@@ -1452,7 +1452,8 @@ class TestUndo:
         case = UndoCase(tmp_path)
         os.unlink(case.mirror)
         os.unlink(case.mirror + ".era")
-        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+        # An incremental onto a mirror with no state needs --force (TestDistinctMirrors).
+        assert era_tool.main(["apply", "--force", "--undo", case.undo, "-i", case.stream_path,
                               case.mirror]) == 0
         assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
         assert read(case.mirror) == b""
@@ -1884,7 +1885,7 @@ class TestOneWriter:
                         "--source-id", "s", name="B")
         other = write(tmp_path / "other.img", read(mirror))
         undo = str(tmp_path / "other.undo")
-        assert era_tool.main(["apply", "--undo", undo, "-i", a, other]) == 0
+        assert era_tool.main(["apply", "--force", "--undo", undo, "-i", a, other]) == 0
         first = tool_process(["apply", mirror])
         first.stdin.write(b[:len(b) // 2])
         first.stdin.flush()
@@ -3369,6 +3370,7 @@ class TestMetadataCommands:
         code, out, _ = run_main(["info", "--json", "-i", stream], capsys)
         info = json.loads(out)
         assert (info["block_size"], info["since_era"], info["era"]) == (128, 8, 9)
+        era_tool.save_state(mirror + ".era", "", len(old), 128, 8)   # a mirror at era 8
         assert era_tool.main(["apply", "-i", stream, mirror]) == 0
         result = read(mirror)
         for block in range(64):
