@@ -37,6 +37,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(HERE, "era_tool.py")
 BLOCK_SECTORS = 8                  # smallest dm-era block: 4096 bytes
 BLOCK = BLOCK_SECTORS * 512
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def need_tool(name, package):
+    """The path of a command a test needs: skip without it, but fail in CI (CI=true),
+    where a missing tool means the install step is broken.  A venv's scripts (vermin)
+    are found beside its interpreter even when the venv is not on PATH."""
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if path is None:
+        message = "%s is not installed (%s)" % (name, package)
+        if IN_CI:
+            pytest.fail(message + "; CI=true, so this is a failure, not a skip", pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -1016,8 +1030,9 @@ class TestApply:
 @pytest.fixture
 def loop_device(tmp_path):
     """Make loop block devices over sparse files (root and loop support needed)."""
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup for a loop block device")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a loop block device")
+    need_tool("losetup", "mount")
     devices = []
 
     def make(size, data=b""):
@@ -1078,6 +1093,7 @@ class TestBlockDevice:
         device = loop_device(16 << 20)
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
+        need_tool("mkfs.ext4", "e2fsprogs")
         if subprocess.run(["mkfs.ext4", "-q", device]).returncode != 0 or \
                 subprocess.run(["mount", device, str(mountpoint)]).returncode != 0:
             pytest.skip("cannot make and mount ext4 here")
@@ -1365,9 +1381,7 @@ class TestCommandLine:
         assert_one_line_error(err, "closed before the stream ended")
 
     def test_python38_compatible(self):
-        vermin = shutil.which("vermin")
-        if vermin is None:
-            pytest.skip("vermin is not installed (pip install vermin)")
+        vermin = need_tool("vermin", "PyPI: pip install vermin")
         result = subprocess.run([vermin, "-q", "--no-tips", "--violations", "-t=3.8-", TOOL],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert result.returncode == 0, result.stdout.decode()
@@ -1799,8 +1813,7 @@ class TestBackupSettings:
         assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
     def test_shellcheck(self):
-        if not shutil.which("shellcheck"):
-            pytest.skip("shellcheck is not installed")
+        need_tool("shellcheck", "shellcheck")
         scripts = [BACKUP, ZZ] + [os.path.join(HERE, ".ci", name) for name in ("run", "vm")
                                   if os.path.exists(os.path.join(HERE, ".ci", name))]
         result = subprocess.run(["shellcheck"] + scripts, stdout=subprocess.PIPE)
@@ -2431,9 +2444,17 @@ class TestHostileLists:
 # Real era_invalidate output (thin-provisioning-tools)
 # ---------------------------------------------------------------------------
 
-needs_era_tools = pytest.mark.skipif(
-    not (shutil.which("era_restore") and shutil.which("era_invalidate")),
-    reason="thin-provisioning-tools (era_restore, era_invalidate) is not installed")
+def need_era_tools():
+    for name in ("era_restore", "era_invalidate"):
+        need_tool(name, "thin-provisioning-tools")
+
+
+@pytest.fixture
+def era_tools():
+    need_era_tools()
+
+
+needs_era_tools = pytest.mark.usefixtures("era_tools")
 
 
 @needs_era_tools
@@ -2511,8 +2532,6 @@ class TestRealEraInvalidate:
 # byte for byte; and MetaBuilder below, which lays out blocks the way the
 # kernel does, for what era_restore cannot make: a metadata snapshot, a
 # current writeset, damage that still has good checksums, cycles.
-
-HAVE_ERA_TOOLS = bool(shutil.which("era_restore") and shutil.which("era_invalidate"))
 
 
 def meta_xml(ranges):
@@ -3287,8 +3306,9 @@ def test_direct_reads_give_the_same_answer(tmp_path):
 @contextmanager
 def metadata_loop_device(path):
     """Attach a file to a loop device (root only); skip where that is not possible."""
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup")
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    need_tool("losetup", "mount")
     attach = subprocess.run(["losetup", "--find", "--show", path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
     if attach.returncode != 0:
@@ -3325,8 +3345,7 @@ class TestMetadataCommands:
     """blocks --metadata and copy --metadata, through the command line."""
 
     def test_blocks_prints_what_era_invalidate_prints(self, tmp_path, capsys):
-        if not HAVE_ERA_TOOLS:
-            pytest.skip("thin-provisioning-tools is not installed")
+        need_era_tools()
         path = restore(tmp_path, era_xml(300, 12, [(10, 300, {7, 8, 200}), (11, 300, {9})],
                                          [(b, b % 13) for b in range(0, 300, 3)]))
         for since in (0, 5, 10, 11, 12, 13):
