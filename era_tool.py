@@ -116,7 +116,8 @@ FLAG_ERA = 2
 FLAG_FULL = 4
 FLAG_UNDO = 8                     # an undo file: the old content an apply overwrote
 FLAG_TARGET = 16                  # an undo file that names its apply (target fields follow)
-KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET
+FLAG_PREVIOUS = 32                # with FLAG_TARGET: previous_crc is set
+KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET | FLAG_PREVIOUS
 MAX_OFFSET = (1 << 63) - 1        # off_t is signed 64-bit: no device or offset beyond
 MAX_BLOCK_SIZE = (1 << 32) - 8    # block_size is a u32 of sectors, a multiple of 8
 MAX_NUMBER_DIGITS = 10            # a u32 has at most 10 decimal digits
@@ -137,8 +138,9 @@ CHUNK = struct.Struct("<4sIQII")
 # tag, chunks, data_bytes, zero_bytes; then stream_crc
 TRAILER_FIELDS = struct.Struct("<4sIQQ")
 # with FLAG_TARGET, after the source id: the mirror's size once its apply is
-# complete, and the header_crc of the stream that apply wrote
-TARGET = struct.Struct("<QI")
+# complete, the header_crc of the stream that apply wrote, and the one the
+# mirror's state recorded before it (0 unless FLAG_PREVIOUS)
+TARGET = struct.Struct("<QII")
 
 STATE_SUFFIX = ".era"             # mirror.img -> mirror.img.era
 STATE_FORMAT = "era_tool mirror state"
@@ -1800,7 +1802,8 @@ class StreamHeader:
 
     def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
                  since_era=None, era=None, full=False, created=None, source_id="",
-                 version=FORMAT_VERSION, undo=False, target_size=None, target_crc=None):
+                 version=FORMAT_VERSION, undo=False, target_size=None, target_crc=None,
+                 previous_crc=None):
         self.version = version
         self.device_size = device_size
         self.total_bytes = total_bytes
@@ -1816,6 +1819,7 @@ class StreamHeader:
         # header_crc of its stream (both None in a stream, and in undo files of 0.1).
         self.target_size = target_size
         self.target_crc = target_crc
+        self.previous_crc = previous_crc
 
     def pack(self):
         source_id = self.source_id.encode("utf-8")
@@ -1823,12 +1827,13 @@ class StreamHeader:
                  | (FLAG_ERA if self.era is not None else 0)
                  | (FLAG_FULL if self.full else 0)
                  | (FLAG_UNDO if self.undo else 0)
-                 | (FLAG_TARGET if self.target_size is not None else 0))
+                 | (FLAG_TARGET if self.target_size is not None else 0)
+                 | (FLAG_PREVIOUS if self.previous_crc is not None else 0))
         head = HEADER.pack(MAGIC, self.version, flags, self.device_size, self.total_bytes,
                            self.block_size, self.chunk_size, self.since_era or 0,
                            self.era or 0, self.created, len(source_id)) + source_id
         if self.target_size is not None:
-            head += TARGET.pack(self.target_size, self.target_crc)
+            head += TARGET.pack(self.target_size, self.target_crc, self.previous_crc or 0)
         return head + CRC.pack(zlib.crc32(head))
 
     def as_dict(self):
@@ -1846,6 +1851,7 @@ class StreamHeader:
             "source_id": self.source_id,
             "target_size": self.target_size,
             "target_crc": self.target_crc,
+            "previous_crc": self.previous_crc,
         }
 
 
@@ -1990,11 +1996,14 @@ def read_header(inp, magic=None):
     # a number it cannot take.
     if flags & ~KNOWN_FLAGS:
         raise StreamError("header has unknown flags 0x%x" % flags)
-    if flags & FLAG_TARGET and not flags & FLAG_UNDO:
+    if flags & FLAG_TARGET and not flags & FLAG_UNDO or \
+            flags & FLAG_PREVIOUS and not flags & FLAG_TARGET:
         raise StreamError("header has flags 0x%x: target fields without the undo flag" % flags)
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise StreamError("header has a chunk size of %d bytes" % chunk_size)
-    target_size, target_crc = TARGET.unpack(target) if target else (None, None)
+    target_size, target_crc, previous_crc = TARGET.unpack(target) if target else (None,) * 3
+    if not flags & FLAG_PREVIOUS:
+        previous_crc = None
     for name, value in (("device size", device_size), ("byte count", total_bytes),
                         ("target size", target_size or 0)):
         if value > MAX_OFFSET:
@@ -2014,7 +2023,7 @@ def read_header(inp, magic=None):
                           since_era if flags & FLAG_SINCE_ERA else None,
                           era if flags & FLAG_ERA else None,
                           bool(flags & FLAG_FULL), created, source_id, version,
-                          bool(flags & FLAG_UNDO), target_size, target_crc)
+                          bool(flags & FLAG_UNDO), target_size, target_crc, previous_crc)
     header.crc = header_crc
     header.raw = raw + CRC.pack(header_crc)
     return header
@@ -2356,16 +2365,21 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
             os.close(fd)
         os.rename(temp, path)
         temp = None
-        # The rename itself is durable only once the directory is synced.
-        sync_directory(path)
     except OSError as exc:
-        try:
-            if temp is not None:
-                os.unlink(temp)
-        except OSError:
-            pass
         raise _os_error(exc, "cannot write state file %s (the data is synced; the "
                         "mirror's era was not advanced)" % path) from None
+    finally:
+        if temp is not None:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+    # The rename itself is durable only once the directory is synced. It is done
+    # already: a failure here must not undo the data it describes.
+    try:
+        sync_directory(path)
+    except OSError as exc:
+        warn("cannot sync the directory of state file %s: %s" % (path, exc.strerror or exc))
     return state
 
 
@@ -2395,7 +2409,8 @@ class UndoLog:
                               incoming.chunk_size, since_era=incoming.era, era=previous_era,
                               source_id=incoming.source_id, undo=True,
                               target_size=dest.size if dest.is_block else incoming.device_size,
-                              target_crc=incoming.crc)
+                              target_crc=incoming.crc,
+                              previous_crc=state.get("stream_crc") if state else None)
         self.chunk_size = incoming.chunk_size
         self.buffer = aligned_buffer(self.chunk_size)     # reused for every region saved
         self.output = Output(path, exclusive=True, label="undo file", direct=True)
@@ -2550,8 +2565,22 @@ def check_rollback(undo, dest, state, state_file):
                              "at era %s (%s): roll back newer undo files first (--force rolls "
                              "back anyway)" % (header.since_era, header.era, state["era"],
                                                state_file))
+    if state is not None and header.target_crc is not None and not completed and \
+            state.get("stream_crc") != header.previous_crc:
+        # Neither where that apply left the mirror nor where it found it: the undo
+        # file of another mirror with the same size and source, or one rolled back
+        # already and overtaken by a later apply.
+        raise ChainError("undo file %s belongs to another apply: the mirror's state (%s) names "
+                         "neither the stream that apply wrote nor the one before it: another "
+                         "mirror's, or rolled back already? (--force rolls back anyway)"
+                         % (shown(undo.path), shown(state_file)))
     if undo.complete:
         return
+    if state is None:
+        # Nothing records whether that apply finished: a cut could be a crash or damage.
+        raise StreamError("undo file %s is cut short, and no state file records whether the "
+                          "apply that wrote it finished: if it was killed, --force rolls back "
+                          "the %d chunks it holds" % (shown(undo.path), len(undo.chunks)))
     if completed:
         # The state is saved only after the undo file's trailer is synced: this
         # file was whole once, and lost its end or was damaged afterwards.
@@ -2855,28 +2884,31 @@ def cmd_apply(args):
         dest = Destination(args.destination, readable=bool(args.undo))
         try:
             try:
-                try:
-                    state = load_state(state_file)
-                except ChainError:
-                    if not args.force:
-                        raise
-                    state = None
+                state = load_state(state_file)
+            except ChainError:
                 if not args.force:
-                    check_chain(state, header, state_file)
-            except BaseException:
-                dest.remove_if_created()
-                raise
+                    raise
+                state = None
+            if not args.force:
+                check_chain(state, header, state_file)
             if state_file is None and header is not None and header.era is not None:
                 warn("%s is a block device: its era is not recorded without --state FILE"
                      % args.destination)
+
+            def commit():
+                # The data is synced: now, and only now, the mirror's era may change,
+                # while the mirror is still locked.
+                if state_file is not None:
+                    _record_state(state_file, state, header)
             if kind == "era":
-                _apply_era(inp, header, dest, args, state)
+                _apply_era(inp, header, dest, args, state, commit)
             else:
                 _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
-            # The data is synced: now, and only now, the mirror's era may change,
-            # while the mirror is still locked.
-            if state_file is not None:
-                _record_state(state_file, state, header)
+                with _SignalsHeld():
+                    commit()
+        except BaseException:
+            dest.remove_if_created()   # a refused or failed apply leaves no new mirror
+            raise
         finally:
             dest.close()
     finally:
@@ -2952,7 +2984,12 @@ def _partial(exc, dest):
                     % (_cause(exc), dest.written, dest.path))
 
 
-def _apply_era(inp, header, dest, args, state):
+def _apply_era(inp, header, dest, args, state, commit):
+    """Apply an era_tool stream; commit() records the new state once the data is durable.
+
+    With --undo, commit() is part of the all or nothing: a state that cannot
+    be written rolls the data back too.
+    """
     if dest.is_block and header.device_size > dest.size:
         raise DeviceError("stream is for a %d-byte device but %s has %d bytes"
                           % (header.device_size, dest.path, dest.size))
@@ -2981,10 +3018,17 @@ def _apply_era(inp, header, dest, args, state):
         dest.sync()
         if undo is not None:
             undo.finish()
+            # The state names the stream applied only once the undo file's trailer is
+            # durable: rollback trusts a cut undo file only while the state does not.
+            with _SignalsHeld():
+                commit()
     except (Exception, KeyboardInterrupt) as exc:   # SIGINT too: all or nothing
         if undo is None:
             raise _partial(exc, dest) from None
         raise _roll_back_failed_apply(exc, dest, undo) from None
+    if undo is None:
+        with _SignalsHeld():
+            commit()
 
 
 class ChunkWriter:
@@ -3335,7 +3379,7 @@ def _print_info(info, as_json):
         say(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
-        if key in ("target_size", "target_crc") and value is None:
+        if key in ("target_size", "target_crc", "previous_crc") and value is None:
             continue
         if key in ("created", "stream_created", "applied") and isinstance(value, int):
             try:
@@ -3349,7 +3393,7 @@ def _print_info(info, as_json):
             value = "yes" if value else "no"
         elif value is None:
             value = "-"
-        elif key == "target_crc":
+        elif key in ("target_crc", "previous_crc"):
             value = "0x%08x" % value
         say("%-12s %s" % (key.replace("_", " ") + ":", shown(value)))
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import zlib
 from contextlib import contextmanager
 
@@ -3405,6 +3406,487 @@ class TestMetadataCommands:
         assert code == 1
         assert_one_line_error(err, "BLOCK_SIZE 1024 differs", "128 sectors")
         assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------
+# Fuzz: CRC-valid streams with random fields, random state files
+# ---------------------------------------------------------------------------
+#
+# Every stream below has checksums that are right where the generator says so,
+# so that the field checks behind them (not only the CRCs) are what is tested.
+# Each case is built from random.Random(FUZZ_SEED * 1000003 + case) alone:
+# FuzzCase(tmp_path, case) rebuilds any one of them (files and commands) for a
+# reproduction; a failure names the case, its directory and the argv.
+
+
+FUZZ_SEED = 2
+FUZZ_CASES = 500                  # in-process, through era_tool.main
+FUZZ_CLI_CASES = 20               # the same commands as real processes
+FUZZ_CALL_LIMIT = 10              # seconds for one command (a hang fails the case)
+FUZZ_U16, FUZZ_U32, FUZZ_U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
+FUZZ_BUG = re.compile(r"unexpected [A-Za-z_][A-Za-z_0-9.]*: ")   # main's catch-all
+
+
+def fuzz_bytes(rng, size):
+    return rng.getrandbits(8 * size).to_bytes(size, "little") if size else b""
+
+
+def fuzz_source_id(rng, bad):
+    """Bytes for a source id: text, control characters, non-ASCII; or not UTF-8, too long."""
+    good = [b"", b"", b"web1:root", b"web1:root", b"db:/dev/vg/data",
+            b"\x1b[31mred\x1b[0m\x07\r\n", "ünïcødé ☃ 𝄞".encode(), b"\x00nul\x00",
+            b"a" * era_tool.MAX_SOURCE_ID]
+    if not bad(0.3):
+        return rng.choice(good)
+    return rng.choice([b"\xff\xfe\x80", b"\xed\xa0\x80",   # not UTF-8; a UTF-8 surrogate
+                       b"\xc3", b"a" * (era_tool.MAX_SOURCE_ID + 1),
+                       fuzz_bytes(rng, rng.randrange(1, 24))])
+
+
+def fuzz_u32(rng, *likely):
+    return rng.choice(list(likely) + [0, 1, FUZZ_U32, rng.randrange(FUZZ_U32 + 1)])
+
+
+def fuzz_stream(rng, mirror_size, undo_shaped, noise):
+    """A stream's bytes and its header fields: random values, valid CRCs (mostly).
+
+    noise scales how often a field is made wrong: 0 makes a valid stream.
+    """
+    chance = rng.random
+
+    def bad(p):
+        return chance() < p * noise
+    # -- header fields (packed after the chunks: total_bytes depends on them) --
+    version = era_tool.FORMAT_VERSION if not bad(0.08) else \
+        rng.choice([0, 2, FUZZ_U16, rng.randrange(FUZZ_U16 + 1)])
+    flags = 0
+    since_era = era = 0
+    if chance() < 0.6:
+        flags |= era_tool.FLAG_SINCE_ERA
+        since_era = fuzz_u32(rng, 0, 3, 5, 5, 7)
+    if chance() < 0.6:
+        flags |= era_tool.FLAG_ERA
+        era = fuzz_u32(rng, 3, 5, 8, 9, 9)
+    elif chance() < 0.1:
+        era = rng.randrange(FUZZ_U32 + 1)          # a value without its flag
+    if chance() < 0.3:
+        flags |= era_tool.FLAG_FULL
+    if undo_shaped:
+        flags |= era_tool.FLAG_UNDO
+        if chance() < 0.7:
+            flags |= era_tool.FLAG_TARGET
+    else:
+        if bad(0.04):
+            flags |= era_tool.FLAG_UNDO
+        if bad(0.04):
+            flags |= era_tool.FLAG_TARGET
+    if bad(0.05):
+        flags |= 1 << rng.randrange(6, 16)          # an unknown flag
+    if bad(0.03):
+        flags = rng.randrange(FUZZ_U16 + 1)
+    chunk_size = rng.choice([512, 1000, 4096, 4096, 4096, 8192, 16384, 3, 1,
+                             rng.randint(1, 20000)]) if not bad(0.1) else \
+        rng.choice([0, era_tool.MAX_CHUNK_SIZE, era_tool.MAX_CHUNK_SIZE + 1,
+                    FUZZ_U32, rng.randrange(FUZZ_U32 + 1)])
+    device_size = rng.choice([mirror_size] * 5 + [
+        mirror_size + 4096 * rng.randint(1, 8), mirror_size + rng.randint(1, 5000),
+        max(0, mirror_size - 4096 * rng.randint(1, 4)), 0, rng.randint(1, 1 << 17)]) \
+        if not bad(0.15) else \
+        rng.choice([era_tool.MAX_OFFSET, era_tool.MAX_OFFSET + 1, FUZZ_U64,
+                    rng.randrange(FUZZ_U64 + 1), 1 << 40])
+    block_size = rng.choice([8, 8, 8, 8, 16, 128, 0, 7, 9, era_tool.MAX_BLOCK_SIZE,
+                             FUZZ_U32, rng.randrange(FUZZ_U32 + 1)]) if bad(0.3) else 8
+    created = rng.choice([1700000000, 0, -1, -(1 << 63), (1 << 63) - 1,
+                          rng.randrange(-(1 << 63), 1 << 63)])
+    source_id = fuzz_source_id(rng, bad)
+    target = b""
+    target_size = target_crc = None
+    if flags & era_tool.FLAG_TARGET:
+        target_size = rng.choice([mirror_size, mirror_size, device_size, 0,
+                                  mirror_size + 4096, era_tool.MAX_OFFSET,
+                                  era_tool.MAX_OFFSET + 1, FUZZ_U64])
+        target_crc = rng.randrange(FUZZ_U32 + 1)
+        previous_crc = rng.randrange(FUZZ_U32 + 1)
+        if chance() < 0.5:
+            flags |= era_tool.FLAG_PREVIOUS
+        target = era_tool.TARGET.pack(target_size, target_crc, previous_crc)
+
+    # -- chunk records (fields first; their CRCs need the header's) --
+    damage = []                   # what certainly makes the stream not intact
+    records = []                  # (tag, seq, offset, length, payload or None, crc_ok)
+    position = 0
+    big = device_size > (1 << 40)
+    for seq in range(rng.choice([0, 1, 1, 2, 3, 3, 4, 5, 8])):
+        tag = rng.choice([era_tool.TAG_DATA] * 2 + [era_tool.TAG_ZERO]) if not bad(0.07) \
+            else damage.append("tag") or rng.choice([b"data", b"\0\0\0\0", b"DONE", b"ERAR",
+                        fuzz_bytes(rng, 4)])
+        number = seq if not bad(0.07) else damage.append("seq") or rng.choice([seq + 1, seq - 1 & FUZZ_U32,
+                                                         FUZZ_U32])
+        room = min(device_size, 1 << 20) - position if not big else 1 << 20
+        if not bad(0.15) and room > 0 and chunk_size:
+            offset = position + rng.choice([0, 0, 0, 512, 4096, rng.randrange(room)])
+            offset = min(offset, position + room - 1)
+            length = rng.randint(1, max(1, min(chunk_size, position + room - offset)))
+        else:
+            offset = rng.choice([max(0, position - rng.randint(1, 4096)), position,
+                                 device_size, era_tool.MAX_OFFSET, era_tool.MAX_OFFSET + 1,
+                                 FUZZ_U64 - rng.randrange(16), rng.randrange(FUZZ_U64 + 1)])
+            length = rng.choice([0, chunk_size, chunk_size + 1, rng.randint(1, 8192),
+                                 FUZZ_U32])
+        payload = None
+        if tag != era_tool.TAG_ZERO:
+            size = min(length, 1 << 16)             # a huge length: cut short
+            payload = bytes(size) if chance() < 0.1 else fuzz_bytes(rng, size)
+        offset &= FUZZ_U64
+        length &= FUZZ_U32
+        crc_ok = not bad(0.05) or damage.append("chunk crc")
+        records.append((tag, number, offset, length, payload, crc_ok))
+        position = offset + length
+    covered = sum(r[3] for r in records)
+    total_bytes = covered if not bad(0.2) else rng.choice(
+        [0, covered + 1, max(0, covered - 1), device_size + 1, FUZZ_U64,
+         era_tool.MAX_OFFSET + 1, rng.randrange(FUZZ_U64 + 1)]) & FUZZ_U64
+
+    head = era_tool.HEADER.pack(era_tool.MAGIC, version, flags, device_size & FUZZ_U64,
+                                total_bytes, block_size & FUZZ_U32, chunk_size & FUZZ_U32,
+                                since_era, era, created,
+                                damage.append("id_length") or rng.randrange(FUZZ_U32 + 1)
+                                if bad(0.02) else len(source_id)
+                                ) + source_id + target
+    header_crc = zlib.crc32(head)
+    if bad(0.03):
+        header_crc ^= 1 << rng.randrange(32)       # a wrong header CRC, now and then
+        damage.append("header crc")
+    out = [head, era_tool.CRC.pack(header_crc)]
+    stream_crc = zlib.crc32(out[1], zlib.crc32(head))
+    counts = [0, 0, 0]
+    for tag, number, offset, length, payload, crc_ok in records:
+        fields = era_tool.CHUNK_FIELDS.pack(tag, number, offset, length)
+        seed = zlib.crc32(payload, header_crc) if tag != era_tool.TAG_ZERO else header_crc
+        crc = zlib.crc32(fields, seed)
+        if not crc_ok:
+            crc ^= 1 << rng.randrange(32)
+        record = fields + era_tool.CRC.pack(crc)
+        stream_crc = zlib.crc32(record, stream_crc)
+        out.append(record)
+        if tag != era_tool.TAG_ZERO:
+            out.append(payload)
+            counts[1] += length
+        else:
+            counts[2] += length
+        counts[0] += 1
+    if bad(0.15):
+        which = rng.randrange(3)
+        right = counts[which]
+        counts[which] = rng.choice([right + 1, max(0, right - 1), 0,
+                                    FUZZ_U32 if which == 0 else FUZZ_U64])
+        if counts[which] != right:
+            damage.append("trailer count")
+    trailer = era_tool.TRAILER_FIELDS.pack(era_tool.TAG_DONE, counts[0] & FUZZ_U32,
+                                           counts[1] & FUZZ_U64, counts[2] & FUZZ_U64)
+    stream_crc = zlib.crc32(trailer, stream_crc)
+    if bad(0.05):
+        stream_crc ^= 1 << rng.randrange(32)
+        damage.append("stream crc")
+    out.append(trailer + era_tool.CRC.pack(stream_crc))
+    data = b"".join(out)
+    if bad(0.08):
+        data = data[:rng.randrange(len(data))]     # cut at a random byte
+        damage.append("cut")
+    elif bad(0.04):
+        data += rng.choice([b"\0", b"\0" * 24, b"DONE", fuzz_bytes(rng, rng.randint(1, 30))])
+        damage.append("data after the end")
+    elif bad(0.02):
+        data = data[:-len(out[-1])]                # no trailer at all
+        damage.append("no trailer")
+    fields = {"source_id": source_id, "block_size": block_size, "since_era": since_era,
+              "era": era, "flags": flags, "device_size": device_size,
+              "target_crc": target_crc, "damage": damage}
+    return data, fields
+
+
+def fuzz_value(rng, bad, good):
+    """A state file value: `good` most of the time, else of a wrong type or range."""
+    if not bad(0.3):
+        return good
+    return rng.choice([None, True, False, -1, 0, 1.5, -0.0, 1 << 63, 1 << 64, -(1 << 63) - 1,
+                       float("nan"), float("inf"), float("-inf"), "8", "", [8], {"a": 1},
+                       [[[]]], "x" * 1025, "\ud800", 10 ** 30, 4097, era_tool.MAX_ERA + 1])
+
+
+def fuzz_state(rng, fields, noise):
+    """('none',) / ('dir',) / ('fifo',) / ('symlink', target) / ('file', bytes)."""
+    def bad(p):
+        return rng.random() < p * noise
+    if rng.random() < 0.12:
+        return ("none",)
+    if bad(0.04):
+        return rng.choice([("dir",), ("fifo",), ("symlink", "/dev/null"),
+                           ("symlink", "nowhere")])
+    if bad(0.15):
+        return ("file", rng.choice([
+            b"", b"{", b"null", b"[]", b"1e999", b"NaN", b'"text"', b"\xff\xfe\x00",
+            fuzz_bytes(rng, rng.randint(1, 64)), b"[" * 60000, b"{\"a\":" * 12000,
+            b" " * era_tool.STATE_MAX + b"{}", b"1" + b"0" * 5000,
+            b'{"format": "era_tool mirror state", "version": 1, "era": ' + b"9" * 5000 + b"}",
+        ]))
+    try:
+        source_id = fields["source_id"].decode("utf-8") if not bad(0.4) else \
+            rng.choice(["web1:root", "", "other", "\x1b]0;x\x07"])
+    except UnicodeDecodeError:
+        source_id = "web1:root"
+    state = {
+        "format": era_tool.STATE_FORMAT if not bad(0.08) else
+        rng.choice(["era_tool mirror", None, 1, ""]),
+        "version": era_tool.STATE_VERSION if not bad(0.08) else
+        rng.choice([2, 0, True, 1.0, "1", None]),
+        "source_id": fuzz_value(rng, bad, source_id),
+        "source_size": fuzz_value(rng, bad, rng.choice([fields["device_size"], 65536,
+                                                        None])),
+        "block_size": fuzz_value(rng, bad, rng.choice([fields["block_size"], 8, 16, None])),
+        "era": fuzz_value(rng, bad, rng.choice([fields["since_era"], fields["era"], 5, 0,
+                                                None])),
+        "stream_created": fuzz_value(rng, bad, rng.choice([1700000000, -(1 << 63), None])),
+        "applied": fuzz_value(rng, bad, rng.choice([1700000000, (1 << 63) - 1])),
+        "stream_crc": fuzz_value(rng, bad, rng.choice([fields["target_crc"] or 0, 1234,
+                                                       None])),
+    }
+    for key in list(state):
+        if bad(0.05):
+            del state[key]
+    if rng.random() < 0.1:
+        state[rng.choice(["extra", "nested"])] = {"deep": [1, {"x": None}]}
+    data = json.dumps(state, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+    if bad(0.04):
+        data = b"\xef\xbb\xbf" + data                # a byte order mark
+    elif bad(0.04):
+        data += b" trailing"
+    elif bad(0.02):
+        data = data[:rng.randrange(len(data))]
+    return ("file", data)
+
+
+def fuzz_put_state(path, spec):
+    fuzz_clear(path)
+    if spec[0] == "file":
+        write(path, spec[1])
+    elif spec[0] == "dir":
+        os.mkdir(path)
+    elif spec[0] == "fifo":
+        os.mkfifo(path)
+    elif spec[0] == "symlink":
+        os.symlink(spec[1], path)
+
+
+def fuzz_clear(path):
+    if os.path.islink(path) or os.path.exists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def fuzz_snapshot(path):
+    """What a path holds, without opening a FIFO or reading a huge (sparse) file."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return ("absent",)
+    if stat.S_ISLNK(info.st_mode):
+        return ("symlink", os.readlink(path))
+    if stat.S_ISREG(info.st_mode):
+        return ("file", info.st_size, read(path) if info.st_size <= 1 << 20 else None)
+    return ("other", stat.S_IFMT(info.st_mode))
+
+
+class FuzzCase:
+    """One case: a mirror (or none), its state file, a stream; the commands to run."""
+
+    def __init__(self, tmp_path, case):
+        self.case = case
+        self.seed = FUZZ_SEED * 1000003 + case
+        rng = random.Random(self.seed)
+        self.dir = tmp_path / ("case%d" % case)
+        self.dir.mkdir()
+        mirror_size = rng.choice([16384, 32768, 65536, 40000, 0])
+        self.mirror_data = None if rng.random() < 0.15 else random_bytes(mirror_size, self.seed)
+        undo_shaped = rng.random() < 0.3
+        noise = rng.choice([0, 0, 0.3, 1, 1])      # 0: every field valid
+        self.stream, fields = fuzz_stream(rng, mirror_size, undo_shaped, noise)
+        self.damage = fields["damage"]
+        self.state = fuzz_state(rng, fields, noise)
+        self.stream_path = write(self.dir / "s.era", self.stream)
+        self.mirror = str(self.dir / "mirror.img")
+        self.state_path = self.mirror + era_tool.STATE_SUFFIX
+        self.undo = str(self.dir / "mirror.img.undo")
+        self.force = [rng.random() < 0.15 for _ in range(3)]
+        self.json = rng.random() < 0.3
+        # Now and then --undo names a file that is there already: apply must refuse it.
+        self.undo_data = fuzz_bytes(rng, rng.randrange(64)) if rng.random() < 0.04 else None
+
+    def reset(self):
+        """The mirror, its state and nothing else, as the case starts."""
+        for name in os.listdir(self.dir):
+            if name != "s.era":
+                fuzz_clear(str(self.dir / name))
+        if self.mirror_data is not None:
+            write(self.mirror, self.mirror_data)
+        fuzz_put_state(self.state_path, self.state)
+        if self.undo_data is not None:
+            write(self.undo, self.undo_data)
+
+    def commands(self):
+        """(kind, argv): apply, apply --undo, rollback, info -i, info MIRROR."""
+        force = [["--force"] if f else [] for f in self.force]
+        json_ = ["--json"] if self.json else []
+        return [
+            ("apply", ["apply", "-i", self.stream_path, self.mirror] + force[0]),
+            ("apply-undo", ["apply", "--undo", self.undo, "-i", self.stream_path,
+                            self.mirror] + force[1]),
+            ("rollback", ["rollback", self.stream_path, self.mirror] + force[2]),
+            ("info", ["info", "-i", self.stream_path] + json_),
+            ("info", ["info", self.mirror] + json_),
+        ]
+
+    def where(self, argv):
+        return ("fuzz case %d (random.Random(%d)), in %s: era_tool %s"
+                % (self.case, self.seed, self.dir, " ".join(argv)))
+
+    def snapshot(self):
+        return fuzz_snapshot(self.mirror), fuzz_snapshot(self.state_path), \
+            fuzz_snapshot(self.undo)
+
+    def check(self, kind, argv, code, err, before):
+        """The rules for one finished command; `before` is self.snapshot() from before it."""
+        where = self.where(argv)
+        assert "Traceback" not in err, "%s\n%s" % (where, err)
+        assert code in (0, 1), "%s: exit %r\n%s" % (where, code, err)
+        names = {"s.era", "mirror.img", "mirror.img.era", "mirror.img.undo"}
+        left = set(os.listdir(self.dir)) - names
+        assert not left, "%s: left behind %s\n%s" % (where, sorted(left), err)
+        if self.damage and (kind in ("apply", "apply-undo") or argv[1] == "-i"):
+            # Damaged on purpose (a wrong CRC, seq or count, a cut, ...): never accepted.
+            assert code == 1, "%s: exit 0 for a stream with %s" % (where, self.damage)
+        if code == 0:
+            return
+        lines = err.strip("\n").split("\n")
+        assert len(lines) == 1 and lines[0].startswith("era_tool: error: "), \
+            "%s: not one error line:\n%s" % (where, err)
+        assert not FUZZ_BUG.search(lines[0]), "%s: a bug:\n%s" % (where, err)
+        mirror, state = fuzz_snapshot(self.mirror), fuzz_snapshot(self.state_path)
+        assert state == before[1], "%s: exit 1 changed the state file\n%s" % (where, err)
+        if kind == "apply" and "partially updated" in err and before[0][0] == "file":
+            assert mirror[:2] == before[0][:2], \
+                "%s: exit 1 changed the mirror's size (%s -> %s)\n%s" % (
+                    where, before[0][1], mirror[:2], err)
+        else:
+            assert mirror == before[0], "%s: exit 1 changed the mirror%s\n%s" % (
+                where, "" if mirror[0] != "file" else " (size %d -> %d)" % (
+                    before[0][1] if before[0][0] == "file" else -1, mirror[1]), err)
+        if kind == "apply-undo":
+            assert fuzz_snapshot(self.undo) == before[2], \
+                "%s: exit 1 left an undo file behind, or changed one\n%s" % (where, err)
+
+    def check_rolled_back(self, argv, code, err, before):
+        """apply --undo succeeded: rollback with its undo file puts the mirror back."""
+        where = self.where(argv)
+        assert code == 0 and "Traceback" not in err, \
+            "%s (after apply --undo exit 0): exit %r\n%s" % (where, code, err)
+        assert fuzz_snapshot(self.mirror) == before[0], \
+            "%s (after apply --undo exit 0): the mirror is not as it was" % where
+
+
+def fuzz_run_in_process(argv, capsys):
+    """main(argv) under a time limit: (exit code, stderr); an escaping exception fails."""
+    capsys.readouterr()
+    try:
+        with time_limit(FUZZ_CALL_LIMIT):
+            code = era_tool.main(argv)
+    except BaseException:
+        out, err = capsys.readouterr()
+        return "raised", err + traceback.format_exc()
+    out, err = capsys.readouterr()
+    return code, err
+
+
+def fuzz_run_cli(argv):
+    try:
+        result = run_cli(argv, timeout=30, env=dict(os.environ, ERA_TOOL_DEBUG="1"))
+    except subprocess.TimeoutExpired:
+        return "hang (30 s)", ""
+    return result.returncode, result.stderr.decode("utf-8", "backslashreplace")
+
+
+class FuzzRun:
+    """Runs cases, keeps going past a failure, and counts what happened."""
+
+    def __init__(self, tmp_path, run):
+        self.tmp_path = tmp_path
+        self.run = run
+        self.failures = []
+        self.outcomes = {}        # (kind, exit code) -> count; "partial" -> count
+        self.messages = set()     # error messages, numbers and paths taken out
+
+    def one(self, case):
+        fc = FuzzCase(self.tmp_path, case)
+        for kind, argv in fc.commands():
+            fc.reset()
+            before = fc.snapshot()
+            code, err = self.run(argv)
+            self.count(kind, code, err)
+            try:
+                fc.check(kind, argv, code, err, before)
+                if kind == "apply-undo" and code == 0 and fc.mirror_data is not None:
+                    # --force as the apply had it: a forced apply leaves a damaged state.
+                    back = ["rollback", fc.undo, fc.mirror] + (["--force"] if fc.force[1]
+                                                               else [])
+                    code, err = self.run(back)
+                    self.count("rollback-undo", code, err)
+                    fc.check_rolled_back(back, code, err, before)
+            except AssertionError as exc:
+                self.failures.append(str(exc))
+        shutil.rmtree(fc.dir)
+
+    def count(self, kind, code, err):
+        self.outcomes[kind, code] = self.outcomes.get((kind, code), 0) + 1
+        if code == 1:
+            line = err.partition("era_tool: error: ")[2]
+            self.messages.add(re.sub(r"/\S*|[0-9]+", "N", line.split(":")[0].strip()))
+            if "partially updated" in err:
+                self.outcomes["partial"] = self.outcomes.get("partial", 0) + 1
+
+    def check(self):
+        if self.failures:
+            pytest.fail("%d failures; the first:\n%s" % (
+                len(self.failures), "\n\n".join(self.failures[:3])), pytrace=False)
+
+
+class TestFuzz:
+    """A few hundred CRC-valid streams with random fields and random state files,
+    against apply, apply --undo, rollback and info: none may end in a traceback,
+    a hang, or a changed mirror without exit 0."""
+
+    def test_in_process(self, tmp_path, capsys, monkeypatch):
+        # A bug that main's catch-all would turn into one line is raised instead.
+        monkeypatch.setenv("ERA_TOOL_DEBUG", "1")
+        fuzz = FuzzRun(tmp_path, lambda argv: fuzz_run_in_process(argv, capsys))
+        for case in range(FUZZ_CASES):
+            fuzz.one(case)
+        fuzz.check()
+        # Not all noise: every command both succeeds and fails, some applies fail
+        # after writing, and the errors are of many kinds.
+        for kind in ("apply", "apply-undo", "rollback", "info", "rollback-undo"):
+            assert fuzz.outcomes.get((kind, 0), 0) >= 5, fuzz.outcomes
+            if kind != "rollback-undo":
+                assert fuzz.outcomes.get((kind, 1), 0) >= 5, fuzz.outcomes
+        assert fuzz.outcomes.get("partial", 0) >= 3, fuzz.outcomes
+        assert len(fuzz.messages) >= 30, sorted(fuzz.messages)
+
+    def test_processes(self, tmp_path):
+        fuzz = FuzzRun(tmp_path, fuzz_run_cli)
+        for case in range(FUZZ_CASES, FUZZ_CASES + FUZZ_CLI_CASES):
+            fuzz.one(case)
+        fuzz.check()
 
 
 # ---------------------------------------------------------------------------
