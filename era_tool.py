@@ -1601,13 +1601,40 @@ class Destination:
         # A file grown by this apply already reads as zeros there.
         if not self.is_block and offset >= self.initial_size:
             return
-        while length:
-            piece = min(length, CHUNK_SIZE)
-            if len(self.zeros) < piece:
-                self.zeros = bytes(CHUNK_SIZE)
-            self.write(offset, memoryview(self.zeros)[:piece])
-            offset += piece
-            length -= piece
+        for start, stop in self._data_in(offset, offset + length):
+            while start < stop:
+                piece = min(stop - start, CHUNK_SIZE)
+                if len(self.zeros) < piece:
+                    self.zeros = bytes(CHUNK_SIZE)
+                self.write(start, memoryview(self.zeros)[:piece])
+                start += piece
+
+    def _data_in(self, start, stop):
+        """The parts of [start, stop) of a file that are not holes (a hole reads as zeros).
+
+        Writing zeros into a hole allocates it: a rollback onto a full disk failed
+        on its first zero chunk, restoring nothing, and an apply filled a sparse
+        mirror's holes.
+        """
+        if self.is_block or not hasattr(os, "SEEK_DATA"):
+            yield start, stop
+            return
+        while start < stop:
+            try:
+                data = os.lseek(self.fd, start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return                # nothing but a hole up to the end of the file
+                yield start, stop         # no SEEK_DATA here: write it all
+                return
+            if data >= stop:
+                return
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = stop
+            yield data, min(hole, stop)
+            start = hole
 
     def sync(self):
         """Make everything written durable: exit 0 promises it."""

@@ -2130,6 +2130,35 @@ class TestUndoBelongs:
         assert "mirror.img itself is intact" in result.stderr.decode()
 
 
+class TestSparseMirrors:
+    def test_rollback_onto_a_full_disk_needs_no_new_space(self, tmp_path, capsys,
+                                                          small_filesystem):
+        # A sparse mirror (a mostly empty disk), a delta larger than the free space: the
+        # roll back wrote zeros into holes, failed on its first chunk and restored nothing.
+        mountpoint = small_filesystem("256k")
+        zeros = write(tmp_path / "zeros", bytes(256 * BLOCK))
+        mirror = str(mountpoint / "m.img")
+        full = write(tmp_path / "full", make_stream(tmp_path, zeros, [(0, 256)], name="f"))
+        assert run_main(["apply", "-i", full, mirror], capsys)[0] == 0
+        old = read(mirror)
+        source = write(tmp_path / "src", random_bytes(256 * BLOCK, 240))
+        delta = write(tmp_path / "d", make_stream(tmp_path, source, [(0, 256)], name="d"))
+        code, _, err = run_main(["apply", "--undo", str(tmp_path / "u"), "-i", delta, mirror],
+                                capsys)
+        assert code == 1
+        assert_one_line_error(err, "No space left on device", "rolled back")
+        assert read(mirror) == old
+
+    def test_zero_chunks_leave_holes_alone(self, tmp_path, capsys):
+        mirror = str(tmp_path / "m.img")
+        with open(mirror, "wb") as f:
+            f.truncate(256 * BLOCK)
+        zeros = write(tmp_path / "zeros", bytes(256 * BLOCK))
+        stream = write(tmp_path / "z", make_stream(tmp_path, zeros, [(0, 256)], name="z"))
+        assert run_main(["apply", "-i", stream, mirror], capsys)[0] == 0
+        assert os.stat(mirror).st_blocks == 0
+
+
 class TestProvenGrowth:
     """Nothing changes size before the stream proves it may."""
 
