@@ -1700,8 +1700,10 @@ class Output:
                     self.fd = os.open(path, os.O_WRONLY | (os.O_EXCL if block else 0))
                     self.syncable = block
                 else:
-                    self.fd, self.path = create_temporary(path)
-                    self.final = path
+                    # Through a symlink: the link stays, its target is what is replaced.
+                    final = os.path.realpath(path) if os.path.islink(path) else path
+                    self.fd, self.path = create_temporary(final)
+                    self.final = final
                     self.created = True
             except FileExistsError:
                 raise EraError("%s already exists; refusing to overwrite it" % path) from None
@@ -2255,6 +2257,14 @@ def _no_constant(name):
     raise ValueError("%s is not a number" % name)
 
 
+def _no_duplicates(pairs):
+    """A key twice ("era": 1, "era": 7) is damage, not the later value."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a key appears twice")
+    return result
+
+
 def load_state(path):
     """The state dict, or None when there is no state file."""
     if path is None:
@@ -2279,7 +2289,8 @@ def load_state(path):
             raise ValueError("larger than %d bytes" % STATE_MAX)
         # NaN and Infinity are not JSON, and NaN compares false to everything:
         # "era": NaN turned the gap check off.
-        state = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        state = json.loads(data.decode("utf-8"), parse_constant=_no_constant,
+                           object_pairs_hook=_no_duplicates)
         problem = _state_problem(state)
         if problem:
             raise ValueError(problem)
@@ -2509,6 +2520,8 @@ class UndoFile:
             header = read_header(inp)
         except TruncatedStream:
             return
+        except StreamError as exc:
+            raise exc.__class__("undo file %s: %s" % (shown(self.path), exc)) from None
         if not header.undo:
             raise StreamError("%s is a stream, not an undo file" % shown(self.path))
         self.header = header
@@ -3380,6 +3393,8 @@ def _mirror_info(args):
         mode = os.stat(args.mirror).st_mode
     except OSError as exc:
         raise _os_error(exc, "cannot open %s" % args.mirror) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise DeviceError("%s is not a regular file or block device" % args.mirror)
     path = state_path(args.mirror, args.state)
     state = load_state(path)
     info = {"mirror": args.mirror}
@@ -3568,6 +3583,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=default, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if sys.stdout is None:
+            parser.exit(1, "era_tool: error: standard output is closed\n")
         sys.stdout.write(_version() + "\n")
         parser.exit()
 
@@ -3765,14 +3782,18 @@ def main(argv=None):
         err("\nera_tool: interrupted")
         return 130
     except Interrupted as exc:
-        err("\nera_tool: %s" % exc)
+        err("\nera_tool: %s" % shown(exc))
         return 130
     except EraError as exc:
-        err("era_tool: error: %s" % exc)
+        # shown(): a file name with an escape sequence must not reach the terminal raw.
+        err("era_tool: error: %s" % shown(exc))
+        return 1
+    except BrokenPipeError:
+        err("era_tool: error: standard output was closed before everything was printed")
         return 1
     except OSError as exc:
         # Anything not caught closer to its cause still gets one line, not a traceback.
-        err("era_tool: error: %s" % exc)
+        err("era_tool: error: %s" % shown(exc.strerror or exc))
         return 1
     except MemoryError:
         err("era_tool: error: out of memory")

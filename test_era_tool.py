@@ -2117,6 +2117,80 @@ class TestUndoBelongs:
         assert code == 1
         assert_one_line_error(err, "wrong mirror")
 
+    def pair(self, tmp_path):
+        """Two mirrors of one size and source, each one apply --undo further."""
+        mirrors = []
+        for name, seed, ranges in (("a", 241, [(1, 3)]), ("b", 242, [(4, 9)])):
+            (tmp_path / name).mkdir()
+            case = UndoCase(tmp_path / name, blocks=32, seed=seed)
+            stream = write(tmp_path / name / "other", make_stream(
+                tmp_path / name, case.source, ranges, "--since-era", "5", "--era", "9",
+                "--source-id", "web1:root", name="other"))
+            assert era_tool.main(["apply", "--undo", case.undo, "-i", stream,
+                                  case.mirror]) == 0
+            mirrors.append(case)
+        return mirrors
+
+    def test_undo_file_of_another_apply(self, tmp_path, capsys):
+        # Same size, same source id, same eras: only the streams differ (a stream is
+        # known by its header's CRC, so two with equal headers cannot be told apart).
+        a, b = self.pair(tmp_path)
+        applied = read(b.mirror)
+        code, _, err = run_main(["rollback", a.undo, b.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "belongs to another apply")
+        assert read(b.mirror) == applied and b.era() == 9
+
+    def test_undo_file_rolled_back_already_and_overtaken(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        first = case.undo + ".1"
+        assert run_main(["apply", "--undo", first, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        assert run_main(["rollback", first, case.mirror], capsys)[0] == 0
+        again = write(tmp_path / "again", make_stream(
+            tmp_path, case.source, [(30, 40)], "--since-era", "5", "--era", "9",
+            "--source-id", "web1:root", name="again"))
+        assert run_main(["apply", "--undo", case.undo + ".2", "-i", again, case.mirror],
+                        capsys)[0] == 0
+        applied = read(case.mirror)
+        code, _, err = run_main(["rollback", first, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "belongs to another apply")
+        assert read(case.mirror) == applied
+
+    def test_cut_undo_file_with_no_state_needs_force(self, tmp_path, capsys):
+        # Streams without eras keep no state: nothing says whether the apply finished.
+        old = random_bytes(32 * BLOCK, 243)
+        mirror = write(tmp_path / "m.img", old)
+        source = write(tmp_path / "src", random_bytes(32 * BLOCK, 244))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 8), (20, 30)]))
+        undo = str(tmp_path / "u")
+        assert run_main(["apply", "--undo", undo, "-i", stream, mirror], capsys)[0] == 0
+        assert not os.path.exists(mirror + ".era")
+        whole = read(undo)
+        write(undo, whole[:len(whole) - 100])
+        applied = read(mirror)
+        code, _, err = run_main(["rollback", undo, mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "no state file records", "--force")
+        assert read(mirror) == applied
+        code, out, err = run_main(["rollback", "--force", undo, mirror], capsys)
+        assert code == 0, err
+
+    def test_state_that_cannot_be_written_rolls_back(self, tmp_path, capsys, monkeypatch):
+        # A full disk at the last step: the data is undone too, all or nothing.
+        case = UndoCase(tmp_path)
+
+        def full(path, mode=0o600):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(era_tool, "create_temporary", full)
+        code, _, err = run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "cannot write state file", "rolled back")
+        assert read(case.mirror) == case.old and case.era() == 5
+        assert not os.path.exists(case.undo)
+
     def test_backup_sh_names_a_damaged_undo_file(self, tmp_path):
         # The message of backup.sh's own step, through the rollback it runs.
         case = UndoCase(tmp_path)
@@ -2231,6 +2305,54 @@ class TestSafeFiles:
         result = run_cli(args, timeout=20)
         assert result.returncode == 1
         assert_one_line_error(result.stderr.decode(), "not a regular file")
+
+
+class TestMessages:
+    def test_version_with_standard_output_closed(self):
+        result = subprocess.run(["sh", "-c", 'exec "$@" 1>&-', "sh", sys.executable, TOOL,
+                                 "--version"], stderr=subprocess.PIPE, timeout=20)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "standard output is closed")
+
+    def test_state_with_a_key_twice(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        text = read(case.mirror + ".era").replace(b'"era": 5', b'"era": 1, "era": 5')
+        assert text.count(b'"era"') == 2
+        write(case.mirror + ".era", text)
+        code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "a key appears twice")
+
+    def test_info_of_a_fifo(self, tmp_path, capsys):
+        fifo = str(tmp_path / "fifo")
+        os.mkfifo(fifo)
+        code, _, err = run_main(["info", fifo], capsys)
+        assert code == 1
+        assert_one_line_error(err, "not a regular file or block device")
+
+    def test_escape_sequence_in_a_file_name(self, tmp_path):
+        result = run_cli(["apply", "-i", str(tmp_path / "\x1b[31mX"), str(tmp_path / "m")])
+        assert result.returncode == 1
+        assert b"\x1b" not in result.stderr and b"\\x1b[31mX" in result.stderr
+
+    def test_damaged_undo_header_names_the_file(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        damaged = bytearray(read(case.undo))
+        damaged[30] ^= 1
+        write(case.undo, bytes(damaged))
+        code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "undo file %s: damaged header" % case.undo)
+
+    def test_copy_output_through_a_symlink_keeps_the_link(self, tmp_path, capsys):
+        source = write(tmp_path / "src", random_bytes(4 * BLOCK, 245))
+        target = write(tmp_path / "target.era", b"old")
+        link = str(tmp_path / "latest.era")
+        os.symlink(target, link)
+        assert run_main(["copy", "--full", "-o", link, "8", source], capsys)[0] == 0
+        assert os.path.islink(link) and read(target)[:8] == era_tool.MAGIC
 
 
 class TestPrivateFiles:
