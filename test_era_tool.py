@@ -2233,6 +2233,61 @@ class TestSparseMirrors:
         assert os.stat(mirror).st_blocks == 0
 
 
+class TestMoreWriters:
+    def test_mirror_file_under_a_loop_device(self, tmp_path, capsys, loop_device):
+        # The file's flock and the loop device's O_EXCL know nothing of each other.
+        device = loop_device(64 * BLOCK)
+        image = str(tmp_path / "loop0.img")
+        source = write(tmp_path / "src", random_bytes(64 * BLOCK, 250))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 4)]))
+        before = read(image)
+        code, _, err = run_main(["apply", "-i", stream, image], capsys)
+        assert code == 1
+        assert_one_line_error(err, "is the backing file of %s" % device)
+        assert read(image) == before
+
+
+class TestKilledGrowth:
+    def test_mirror_grown_by_a_killed_apply_takes_the_right_stream(self, tmp_path, capsys):
+        # SIGKILL leaves what a cut stream's chunks wrote past the end; the state says
+        # which size the mirror's source has, so the next stream shrinks it back.
+        case = UndoCase(tmp_path)
+        with open(case.mirror, "ab") as f:
+            f.write(random_bytes(16 * BLOCK, 251))
+        code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
+        assert code == 0, err
+        assert read(case.mirror) == case.new and case.era() == 9
+
+    def test_larger_mirror_of_another_size_still_refused(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        era_tool.save_state(case.mirror + ".era", "web1:root", len(case.old) + BLOCK, 8, 5)
+        with open(case.mirror, "ab") as f:
+            f.write(bytes(BLOCK))
+        code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "larger than the source")
+
+
+class TestUndoMemory:
+    def test_many_tiny_chunks_are_held_compactly(self, tmp_path):
+        import tracemalloc
+        count = 100000
+        header = era_tool.StreamHeader(count, count, BLOCK_SECTORS, 1, undo=True)
+        data = random_bytes(count, 252)
+        path = write(tmp_path / "u", craft_stream(
+            header, [(offset, data[offset:offset + 1]) for offset in range(count)]))
+        tracemalloc.start()
+        try:
+            with era_tool.UndoFile(path) as undo:
+                assert undo.complete and len(undo.chunks) == count
+                peak = tracemalloc.get_traced_memory()[1]
+                last = next(reversed(undo.chunks))
+        finally:
+            tracemalloc.stop()
+        assert last[0] == b"DATA" and last[2] == count - 1 and last[3] == 1
+        assert peak < 40 * count, "%d bytes for %d chunks" % (peak, count)
+
+
 class TestProvenGrowth:
     """Nothing changes size before the stream proves it may."""
 
