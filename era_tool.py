@@ -36,7 +36,8 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
              version      2  1
              flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy,
                              bit 3 undo file (old content an apply overwrote),
-                             bit 4 target fields follow (undo files only)
+                             bit 4 target fields follow (undo files only),
+                             bit 5 previous_crc set (with bit 4)
              device_size  8  bytes of the source device
              total_bytes  8  bytes covered by all chunks (data + zero)
              block_size   4  dm-era block size, 512-byte sectors
@@ -48,6 +49,8 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
              source_id    n  UTF-8
              target_size  8  with bit 4: the mirror's size after the apply
              target_crc   4  with bit 4: header_crc of the stream applied
+             previous_crc 4  with bit 4: the header_crc the state named before
+                             (0 unless bit 5)
              header_crc   4  CRC-32 of every header byte before it
     chunk    tag          4  b"DATA" (payload follows) or b"ZERO" (none)
              seq          4  chunk number, from 0
@@ -3721,9 +3724,10 @@ def build_parser():
                              "mirror file; a block device needs this to keep one)")
     apply_.add_argument("--force", action="store_true",
                         help="apply even if the stream does not continue the mirror's chain "
-                             "(gap, other source, other block size) or the mirror file is "
-                             "larger than the source (then shrink it to the source size once "
-                             "the stream is complete)")
+                             "(gap, other source, other block size, an incremental onto a "
+                             "mirror with no state), DESTINATION is a stream or undo file, or "
+                             "the mirror file is larger than the source (then shrink it to "
+                             "the source size once the stream is complete)")
     apply_.add_argument("--undo", metavar="UNDO_FILE",
                         help="first save the old content of every region overwritten into "
                              "UNDO_FILE (a new file), synced before the overwrite: a failed "
@@ -3764,8 +3768,10 @@ def build_parser():
     rollback.add_argument("--state", metavar="FILE",
                           help="the mirror's state file, if not DESTINATION.era")
     rollback.add_argument("--force", action="store_true",
-                          help="roll back even if the undo file does not match the mirror's "
-                               "recorded source or era")
+                          help="roll back even if the undo file does not match the mirror "
+                               "(source, era, size, the apply its state records), or is cut "
+                               "short or damaged where it must be whole: what it holds intact "
+                               "is written back")
     rollback.set_defaults(func=cmd_rollback)
 
     info = commands.add_parser(
