@@ -3041,8 +3041,10 @@ def _record_state(path, state, header):
             save_state(path, state.get("source_id"), state.get("source_size"),
                        state.get("block_size"), None)
     elif header.era is not None:
+        # An undo file takes the mirror back to where its apply found it: the stream
+        # recorded then is the one recorded now, so that older undo files still fit.
         save_state(path, header.source_id, header.device_size, header.block_size, header.era,
-                   header.created, header.crc)
+                   header.created, header.previous_crc if header.undo else header.crc)
     elif header.undo:
         if state is not None:
             remove_state(path)   # back before the first chained stream
@@ -3385,7 +3387,8 @@ def cmd_rollback(args):
                 if state_file is not None:
                     if header.era is not None:
                         save_state(state_file, header.source_id, header.device_size,
-                                   header.block_size, header.era)
+                                   header.block_size, header.era,
+                                   stream_crc=header.previous_crc)
                     elif state is not None or args.force:
                         remove_state(state_file)
         finally:

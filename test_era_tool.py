@@ -1500,6 +1500,31 @@ class TestUndo:
             assert read(case.mirror) == version
         assert case.era() == 5
 
+    @pytest.mark.parametrize("how", ["rollback", "apply", "both"])
+    def test_every_kept_version_rolls_back_newest_first(self, tmp_path, capsys, how):
+        # Each step back records the stream its apply found, so the next older undo file
+        # is recognised as this mirror's (README's loop over ls -r).
+        case = UndoCase(tmp_path)
+        versions, undos, device = [case.old], [], case.new
+        for number, (since, era) in enumerate([(5, 9), (9, 12), (12, 15)]):
+            device = changed_device(device, [(number * 7, number * 7 + 4)], 80 + number)
+            write(case.source, device)
+            stream = write(tmp_path / ("w%d" % number), make_stream(
+                tmp_path, case.source, [(0, 64)], "--since-era", str(since), "--era",
+                str(era), "--source-id", "web1:root", name="w%d.era" % number))
+            undos.append(str(tmp_path / ("undo%d" % number)))
+            assert run_main(["apply", "--undo", undos[-1], "-i", stream, case.mirror],
+                            capsys)[0] == 0
+            versions.append(device)
+        for step, (undo, version) in enumerate(zip(reversed(undos), reversed(versions[:-1]))):
+            verb = how if how != "both" else ("rollback", "apply")[step % 2]
+            argv = ["rollback", undo, case.mirror] if verb == "rollback" else \
+                ["apply", "-i", undo, case.mirror]
+            code, _, err = run_main(argv, capsys)
+            assert code == 0, err
+            assert read(case.mirror) == version
+        assert case.era() == 5
+
     @pytest.mark.parametrize("cut", ["header", "chunk", "payload", "trailer", "flip"])
     def test_damaged_stream_rolls_back(self, tmp_path, capsys, monkeypatch, cut):
         monkeypatch.setattr(era_tool, "UNDO_BATCH", BLOCK)     # overwrite as early as possible
