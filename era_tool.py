@@ -89,7 +89,7 @@ import threading
 import time
 import zlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------
 # Constants
