@@ -4600,6 +4600,14 @@ class TestDmEraCopy:
         apply = tool("apply", mirror, input=full.stdout)
         assert apply.returncode == 1
         assert not os.path.exists(str(mirror) + ".era")
+        # A mirror that this apply created is removed: half a new mirror is worth nothing.
+        assert not mirror.exists() and "created by this apply, is removed" in \
+            apply.stderr.decode()
+        # Onto an existing mirror, it is partially updated.
+        with open(str(mirror), "wb") as f:
+            f.truncate(8 * MiB)
+        apply = tool("apply", mirror, input=full.stdout)
+        assert apply.returncode == 1 and "partially updated" in apply.stderr.decode()
         image = read_file(mirror)
         # Each chunk holds the device's data or nothing written (zeros); past the error, nothing.
         for offset in range(0, bad_start, 4 * MiB):
