@@ -1891,7 +1891,8 @@ class StreamHeader:
                  | (FLAG_FULL if self.full else 0)
                  | (FLAG_UNDO if self.undo else 0)
                  | (FLAG_TARGET if self.target_size is not None else 0)
-                 | (FLAG_PREVIOUS if self.previous_crc is not None else 0))
+                 | (FLAG_PREVIOUS if self.target_size is not None and
+                    self.previous_crc is not None else 0))
         head = HEADER.pack(MAGIC, self.version, flags, self.device_size, self.total_bytes,
                            self.block_size, self.chunk_size, self.since_era or 0,
                            self.era or 0, self.created, len(source_id)) + source_id
@@ -2352,9 +2353,14 @@ def check_chain(state, header, path):
     A stream may start earlier than the mirror's era: the overlap only
     re-sends current data.
     """
+    if header is not None and header.undo:
+        # Applied as a stream, an undo file takes the mirror back from exactly where
+        # its apply left it: that apply must have completed.
+        check_undo_belongs(header, state, path, "this undo file", completed_only=True)
+        return
     if state is None:
         if path is not None and header is not None and header.since_era is not None and \
-                not (header.full or header.undo):
+                not header.full:
             # A typo in the mirror's name, or the mirror under another name (a link):
             # the changes since one era alone, on a mirror with no known era, are garbage
             # that every later incremental would build on.
@@ -2375,13 +2381,6 @@ def check_chain(state, header, path):
         raise ChainError("stream has block size %d, the mirror %d (%s): wrong mirror? "
                          "(--force applies anyway)"
                          % (header.block_size, state["block_size"], path))
-    if header.undo:
-        # An undo file takes the mirror back from exactly the era its apply reached.
-        if header.since_era is not None and state["era"] != header.since_era:
-            raise ChainError("undo file is for the mirror at era %d, but it is at era %s (%s): "
-                             "apply newer undo files first (--force applies anyway)"
-                             % (header.since_era, state["era"], path))
-        return
     if header.full:
         return
     if state["era"] is None:
@@ -2418,6 +2417,8 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
         "stream_created": stream_created,
         "stream_crc": stream_crc,
     }
+    if os.path.islink(path):
+        path = os.path.realpath(path)     # a symlinked state file: the link stays
     temp = None
     try:
         try:
@@ -2477,11 +2478,15 @@ class UndoLog:
         previous_era = state.get("era") if state else None
         # At most: every region the stream writes, and what a shrink would cut off.
         total = incoming.total_bytes + max(0, dest.initial_size - incoming.device_size)
+        target = recorded_crc(incoming)     # what the mirror's state will name
         header = StreamHeader(dest.initial_size, total, incoming.block_size,
                               incoming.chunk_size, since_era=incoming.era, era=previous_era,
                               source_id=incoming.source_id, undo=True,
-                              target_size=dest.size if dest.is_block else incoming.device_size,
-                              target_crc=incoming.crc,
+                              # No target for the undo of an undo file that names no stream
+                              # (one of 0.1): the state will name none either.
+                              target_size=None if target is None else
+                              dest.size if dest.is_block else incoming.device_size,
+                              target_crc=target,
                               previous_crc=state.get("stream_crc") if state else None)
         self.chunk_size = incoming.chunk_size
         self.buffer = aligned_buffer(self.chunk_size)     # reused for every region saved
@@ -2651,34 +2656,13 @@ def check_rollback(undo, dest, state, state_file):
     """Refuse an undo file that is not this mirror's, or not whole where it must be."""
     header = undo.header
     check_undo_fits(header, dest, undo.path)
-    completed = state is not None and header.target_crc is not None and \
-        state.get("stream_crc") == header.target_crc
-    if state is not None:
-        # Back from the era the apply reached, or from where it stopped (state unchanged).
-        if state["source_id"] is not None and state["source_id"] != header.source_id:
-            raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
-                             "mirror? (--force rolls back anyway)"
-                             % (header.source_id, state["source_id"], state_file))
-        if state["block_size"] is not None and state["block_size"] != header.block_size:
-            raise ChainError("undo file has block size %d, the mirror %d (%s): wrong mirror? "
-                             "(--force rolls back anyway)"
-                             % (header.block_size, state["block_size"], state_file))
-        if header.since_era is not None and state["era"] not in (header.since_era, header.era):
-            raise ChainError("undo file takes the mirror from era %d back to era %s, but it is "
-                             "at era %s (%s): roll back newer undo files first (--force rolls "
-                             "back anyway)" % (header.since_era, header.era, state["era"],
-                                               state_file))
-    if state is not None and header.target_crc is not None and not completed and \
-            state.get("stream_crc") != header.previous_crc:
-        # Neither where that apply left the mirror nor where it found it: the undo
-        # file of another mirror with the same size and source, or one rolled back
-        # already and overtaken by a later apply.
-        raise ChainError("undo file %s belongs to another apply: the mirror's state (%s) names "
-                         "neither the stream that apply wrote nor the one before it: another "
-                         "mirror's, or rolled back already? (--force rolls back anyway)"
-                         % (shown(undo.path), shown(state_file)))
+    check_undo_belongs(header, state, state_file, "undo file %s" % undo.path)
+    completed = undo_completed(header, state)
     if undo.complete:
         return
+    if state is None and header.device_size == 0 and header.era is None and \
+            header.previous_crc is None:
+        return      # back to an empty mirror that had no state: nothing can be lost
     if state is None:
         # Nothing records whether that apply finished: a cut could be a crash or damage.
         raise StreamError("undo file %s is cut short, and no state file records whether the "
@@ -2698,6 +2682,61 @@ def check_rollback(undo, dest, state, state_file):
         raise StreamError("undo file %s is damaged (%s): it can restore only the %d chunks "
                           "before the damage (--force rolls those back)"
                           % (shown(undo.path), undo.damage, len(undo.chunks)))
+
+
+def recorded_crc(header):
+    """The stream_crc a mirror's state records once this stream is applied.
+
+    An undo file takes the mirror back to where its apply found it, so the
+    state names again the stream it named then, and older undo files still fit.
+    """
+    return header.previous_crc if header.undo else header.crc
+
+
+def undo_completed(header, state):
+    """Whether the mirror's state records the apply that wrote this undo file."""
+    return state is not None and header.target_crc is not None and \
+        state.get("stream_crc") == header.target_crc
+
+
+def check_undo_belongs(header, state, state_file, what, completed_only=False):
+    """An undo file goes back only onto the mirror and version that its apply left.
+
+    completed_only: it is applied as a stream, which needs the apply to have
+    completed; rollback also takes one whose apply stopped midway.
+    """
+    if state is None:
+        # since_era set: that apply recorded the era it reached in a state file.
+        if state_file is not None and header.since_era is not None:
+            # The mirror under another name (a link): DEST.era is made from the name.
+            raise ChainError("%s was written onto a mirror with a recorded state, but this one "
+                             "has none (%s): the mirror under another name, or a wrong mirror? (--force goes on "
+                             "anyway)" % (shown(what), shown(state_file)))
+        return
+    if state["source_id"] is not None and state["source_id"] != header.source_id:
+        raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
+                         "mirror? (--force goes on anyway)"
+                         % (header.source_id, state["source_id"], state_file))
+    if state["block_size"] is not None and state["block_size"] != header.block_size:
+        raise ChainError("undo file has block size %d, the mirror %d (%s): wrong mirror? "
+                         "(--force goes on anyway)"
+                         % (header.block_size, state["block_size"], state_file))
+    eras = (header.since_era,) if completed_only else (header.since_era, header.era)
+    if header.since_era is not None and state["era"] not in eras:
+        raise ChainError("undo file is for the mirror at era %d, but it is at era %s (%s): "
+                         "apply or roll back newer undo files first (--force goes on anyway)"
+                         % (header.since_era, state["era"], state_file))
+    if header.target_crc is None or undo_completed(header, state):
+        return
+    if completed_only or state.get("stream_crc") != header.previous_crc:
+        # Neither where that apply left the mirror nor (for rollback) where it found
+        # it: another mirror's undo file of the same size and source, or one rolled
+        # back already and overtaken by a later apply.
+        raise ChainError("%s belongs to another apply: the mirror's state (%s) names %s: "
+                         "another mirror's, or rolled back already? (--force goes on anyway)"
+                         % (shown(what), shown(state_file),
+                            "another stream than the one that apply wrote" if completed_only
+                            else "neither the stream that apply wrote nor the one before it"))
 
 
 def restore_from_undo(dest, undo):
@@ -2972,6 +3011,8 @@ def cmd_apply(args):
         # The first header is checked before the destination is touched.
         if kind == "era":
             header = read_header(inp, first)
+            if header.undo and not args.force:
+                _check_whole_undo_file(args.input)
         else:
             if args.undo:
                 raise EraError("--undo needs an era_tool stream: the original format cannot "
@@ -2986,12 +3027,13 @@ def cmd_apply(args):
         # era 1 would both write, and the later state would not match the data.
         dest = Destination(args.destination, readable=bool(args.undo))
         try:
+            damaged = False
             try:
                 state = load_state(state_file)
             except ChainError:
                 if not args.force:
                     raise
-                state = None
+                state, damaged = None, True
             if not args.force:
                 check_chain(state, header, state_file)
             if state_file is None and header is not None and header.era is not None:
@@ -3002,7 +3044,7 @@ def cmd_apply(args):
                 # The data is synced: now, and only now, the mirror's era may change,
                 # while the mirror is still locked.
                 if state_file is not None:
-                    _record_state(state_file, state, header)
+                    _record_state(state_file, state, header, replace=damaged)
             if kind == "era":
                 _apply_era(inp, header, dest, args, state, commit)
             else:
@@ -3017,6 +3059,25 @@ def cmd_apply(args):
     finally:
         inp.close()
     return 0
+
+
+def _check_whole_undo_file(path):
+    """An undo file applied as a stream must be whole before its first chunk is written.
+
+    Stopped midway it leaves the mirror a mix of two versions, labelled with
+    the newer era: no later incremental repairs that (rollback restores what a
+    cut file holds, and knows when that is right).
+    """
+    if path is None or path == "-" or not os.path.isfile(path):
+        raise EraError("an undo file is applied only from a file (-i UNDO_FILE), read whole "
+                       "first, or with rollback (--force applies it from a pipe)")
+    with UndoFile(path) as undo:
+        if not undo.complete:
+            raise StreamError("undo file %s is %s: applied as a stream it would stop midway "
+                              "and leave a mix of two versions; nothing was written (rollback "
+                              "restores what it holds where that is safe)"
+                              % (shown(path), "damaged (%s)" % undo.damage if undo.damage
+                                 else "cut short"))
 
 
 def _refuse_stream_as_mirror(path):
@@ -3034,7 +3095,11 @@ def _refuse_stream_as_mirror(path):
                        "(--force writes to it anyway)" % shown(path))
 
 
-def _record_state(path, state, header):
+def _record_state(path, state, header, replace=False):
+    """Record where the stream took the mirror; replace: a damaged state file was forced past."""
+    if replace and state is None:
+        # --force went past a damaged state file: a new one, or every later apply is refused.
+        state = {"source_id": None, "source_size": None, "block_size": None, "era": None}
     if header is None:
         # An original-format stream, forced: the era is now unknown.
         if state is not None:
@@ -3044,7 +3109,7 @@ def _record_state(path, state, header):
         # An undo file takes the mirror back to where its apply found it: the stream
         # recorded then is the one recorded now, so that older undo files still fit.
         save_state(path, header.source_id, header.device_size, header.block_size, header.era,
-                   header.created, header.previous_crc if header.undo else header.crc)
+                   header.created, recorded_crc(header))
     elif header.undo:
         if state is not None:
             remove_state(path)   # back before the first chained stream
