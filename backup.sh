@@ -262,8 +262,14 @@ pass() {
 exec 9>>"$mirror.lock"
 flock -n 9 || die "another backup.sh is running for $mirror"
 on_exit() {
-    local rc=$?
-    [ "$rc" = 0 ] || log "failed (exit $rc): $mirror holds era $(mirror_era 2>/dev/null || echo '?'), complete but not a consistent image; run again"
+    local rc=$? era
+    [ "$rc" = 0 ] && return
+    era=$(mirror_era 2>/dev/null) || era='?'
+    if [ -n "$era" ]; then
+        log "failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
+    else
+        log "failed (exit $rc): $mirror has no recorded era yet; run again"
+    fi
 }
 trap on_exit EXIT
 

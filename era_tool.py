@@ -2656,13 +2656,17 @@ def check_rollback(undo, dest, state, state_file):
     """Refuse an undo file that is not this mirror's, or not whole where it must be."""
     header = undo.header
     check_undo_fits(header, dest, undo.path)
-    check_undo_belongs(header, state, state_file, "undo file %s" % undo.path)
+    # A first full copy killed midway: its apply found an empty mirror with no state,
+    # so going back to empty loses nothing, as long as no other name can hold the
+    # mirror's state (a link).
+    first = header.device_size == 0 and header.era is None and \
+        header.previous_crc is None and state is None and \
+        not os.path.islink(dest.path) and os.fstat(dest.fd).st_nlink == 1
+    if not first:
+        check_undo_belongs(header, state, state_file, "undo file %s" % undo.path)
     completed = undo_completed(header, state)
-    if undo.complete:
+    if undo.complete or first:
         return
-    if state is None and header.device_size == 0 and header.era is None and \
-            header.previous_crc is None:
-        return      # back to an empty mirror that had no state: nothing can be lost
     if state is None:
         # Nothing records whether that apply finished: a cut could be a crash or damage.
         raise StreamError("undo file %s is cut short, and no state file records whether the "
@@ -3068,6 +3072,9 @@ def _check_whole_undo_file(path):
     the newer era: no later incremental repairs that (rollback restores what a
     cut file holds, and knows when that is right).
     """
+    if (path is None or path == "-") and sys.stdin is not None and \
+            stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
+        path = "/dev/fd/%d" % sys.stdin.fileno()    # `< UNDO_FILE`: the file, opened again
     if path is None or path == "-" or not os.path.isfile(path):
         raise EraError("an undo file is applied only from a file (-i UNDO_FILE), read whole "
                        "first, or with rollback (--force applies it from a pipe)")

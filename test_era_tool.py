@@ -2216,6 +2216,106 @@ class TestUndoBelongs:
         assert read(case.mirror) == case.old and case.era() == 5
         assert not os.path.exists(case.undo)
 
+    def test_rollback_under_a_link_name(self, tmp_path, capsys):
+        # DEST.era is made from the name: under a link there is no state, and the real
+        # mirror's state would say era 9 over era 5 data.
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        link = str(tmp_path / "link.img")
+        os.symlink(case.mirror, link)
+        for argv in (["rollback", case.undo, link], ["apply", "-i", case.undo, link]):
+            code, _, err = run_main(argv, capsys)
+            assert code == 1, argv
+            assert_one_line_error(err, "under another name")
+        assert read(case.mirror) == case.new and not os.path.exists(link + ".era")
+
+    def test_older_undo_file_applied_as_a_stream(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        first = case.undo + ".1"
+        assert run_main(["apply", "--undo", first, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        assert run_main(["rollback", first, case.mirror], capsys)[0] == 0
+        again = write(tmp_path / "again", make_stream(
+            tmp_path, case.source, [(30, 40)], "--since-era", "5", "--era", "9",
+            "--source-id", "web1:root", name="again"))
+        assert run_main(["apply", "--undo", case.undo + ".2", "-i", again, case.mirror],
+                        capsys)[0] == 0
+        applied = read(case.mirror)
+        code, _, err = run_main(["apply", "-i", first, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "belongs to another apply")
+        assert read(case.mirror) == applied
+
+    def test_cut_undo_file_applied_as_a_stream(self, tmp_path, capsys, small_chunks):
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        whole = read(case.undo)
+        write(case.undo, whole[:len(whole) * 2 // 3])
+        code, _, err = run_main(["apply", "-i", case.undo, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "cut short", "nothing was written")
+        assert read(case.mirror) == case.new and case.era() == 9
+        result = run_cli(["apply", case.mirror], stdin=whole)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "only from a file")
+        # Redirected from the file itself, it is read whole first as well.
+        with open(case.undo, "rb") as f:
+            result = subprocess.run([sys.executable, TOOL, "apply", case.mirror], stdin=f,
+                                    stderr=subprocess.PIPE)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "cut short", "nothing was written")
+        write(case.undo, whole)
+        with open(case.undo, "rb") as f:
+            result = subprocess.run([sys.executable, TOOL, "apply", case.mirror], stdin=f,
+                                    stderr=subprocess.PIPE)
+        assert result.returncode == 0, result.stderr
+        assert read(case.mirror) == case.old
+
+    def test_undo_of_an_undo_file_rolls_back(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path, case.mirror],
+                        capsys)[0] == 0
+        redo = str(tmp_path / "redo")
+        assert run_main(["apply", "--undo", redo, "-i", case.undo, case.mirror], capsys)[0] == 0
+        assert read(case.mirror) == case.old and case.era() == 5
+        code, _, err = run_main(["rollback", redo, case.mirror], capsys)
+        assert code == 0, err
+        assert read(case.mirror) == case.new and case.era() == 9
+
+    def test_first_full_pass_killed_rolls_back_to_empty(self, tmp_path, small_chunks):
+        source = write(tmp_path / "src", random_bytes(64 * BLOCK, 253))
+        full = make_stream(tmp_path, source, [(0, 64)], "--era", "3", name="full")
+        mirror = str(tmp_path / "m.img")
+        undo = str(tmp_path / "u")
+        proc = tool_process(["apply", "--undo", undo, mirror])
+        proc.stdin.write(full[:len(full) // 2])
+        proc.stdin.flush()
+        wait_until(lambda: os.path.exists(undo) and os.path.getsize(undo) > 0)
+        proc.kill()
+        proc.communicate()
+        assert not os.path.exists(mirror + ".era")
+        result = run_cli(["rollback", undo, mirror])
+        assert result.returncode == 0, result.stderr
+        assert os.path.getsize(mirror) == 0
+
+    def test_force_replaces_a_damaged_state(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        write(case.mirror + ".era", b'{"bad')
+        plain = write(tmp_path / "plain", make_stream(tmp_path, case.source, [(0, 2)],
+                                                      name="plain"))
+        assert run_main(["apply", "--force", "-i", plain, case.mirror], capsys)[0] == 0
+        assert era_tool.load_state(case.mirror + ".era")["era"] is None
+
+    def test_symlinked_state_file_keeps_its_link(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        real = str(tmp_path / "real.era")
+        os.rename(case.mirror + ".era", real)
+        os.symlink(real, case.mirror + ".era")
+        assert run_main(["apply", "-i", case.stream_path, case.mirror], capsys)[0] == 0
+        assert os.path.islink(case.mirror + ".era") and case.era() == 9
+
     def test_backup_sh_names_a_damaged_undo_file(self, tmp_path):
         # The message of backup.sh's own step, through the rollback it runs.
         case = UndoCase(tmp_path)
