@@ -1474,13 +1474,12 @@ class TestUndo:
         assert read(case.mirror) == b""
         assert not os.path.exists(case.mirror + ".era")
 
-    def test_versions_step_back_newest_first(self, tmp_path, capsys):
-        case = UndoCase(tmp_path)
-        versions = [case.old]
-        undos = []
-        device = case.new
+    @staticmethod
+    def three_versions(case, tmp_path, seed):
+        """Three applies --undo onto the case's mirror: (the four versions, the undo files)."""
+        versions, undos, device = [case.old], [], case.new
         for number, (since, era) in enumerate([(5, 9), (9, 12), (12, 15)]):
-            device = changed_device(device, [(number * 7, number * 7 + 4)], 70 + number)
+            device = changed_device(device, [(number * 7, number * 7 + 4)], seed + number)
             write(case.source, device)
             stream = write(tmp_path / ("v%d" % number), make_stream(
                 tmp_path, case.source, [(0, 64)], "--since-era", str(since), "--era",
@@ -1489,6 +1488,11 @@ class TestUndo:
             assert era_tool.main(["apply", "--undo", undos[-1], "-i", stream,
                                   case.mirror]) == 0
             versions.append(device)
+        return versions, undos
+
+    def test_versions_step_back_newest_first(self, tmp_path, capsys):
+        case = UndoCase(tmp_path)
+        versions, undos = self.three_versions(case, tmp_path, 70)
         # An older undo file first would mix two versions: refused.
         capsys.readouterr()
         assert era_tool.main(["apply", "-i", undos[0], case.mirror]) == 1
@@ -1505,17 +1509,7 @@ class TestUndo:
         # Each step back records the stream its apply found, so the next older undo file
         # is recognised as this mirror's (README's loop over ls -r).
         case = UndoCase(tmp_path)
-        versions, undos, device = [case.old], [], case.new
-        for number, (since, era) in enumerate([(5, 9), (9, 12), (12, 15)]):
-            device = changed_device(device, [(number * 7, number * 7 + 4)], 80 + number)
-            write(case.source, device)
-            stream = write(tmp_path / ("w%d" % number), make_stream(
-                tmp_path, case.source, [(0, 64)], "--since-era", str(since), "--era",
-                str(era), "--source-id", "web1:root", name="w%d.era" % number))
-            undos.append(str(tmp_path / ("undo%d" % number)))
-            assert run_main(["apply", "--undo", undos[-1], "-i", stream, case.mirror],
-                            capsys)[0] == 0
-            versions.append(device)
+        versions, undos = self.three_versions(case, tmp_path, 80)
         for step, (undo, version) in enumerate(zip(reversed(undos), reversed(versions[:-1]))):
             verb = how if how != "both" else ("rollback", "apply")[step % 2]
             argv = ["rollback", undo, case.mirror] if verb == "rollback" else \
@@ -2166,7 +2160,8 @@ class TestUndoBelongs:
         assert_one_line_error(err, "belongs to another apply")
         assert read(b.mirror) == applied and b.era() == 9
 
-    def test_undo_file_rolled_back_already_and_overtaken(self, tmp_path, capsys):
+    @pytest.mark.parametrize("verb", ["rollback", "apply -i"])
+    def test_undo_file_rolled_back_already_and_overtaken(self, tmp_path, capsys, verb):
         case = UndoCase(tmp_path)
         first = case.undo + ".1"
         assert run_main(["apply", "--undo", first, "-i", case.stream_path, case.mirror],
@@ -2178,7 +2173,9 @@ class TestUndoBelongs:
         assert run_main(["apply", "--undo", case.undo + ".2", "-i", again, case.mirror],
                         capsys)[0] == 0
         applied = read(case.mirror)
-        code, _, err = run_main(["rollback", first, case.mirror], capsys)
+        argv = ["rollback", first, case.mirror] if verb == "rollback" else \
+            ["apply", "-i", first, case.mirror]
+        code, _, err = run_main(argv, capsys)
         assert code == 1
         assert_one_line_error(err, "belongs to another apply")
         assert read(case.mirror) == applied
@@ -2229,23 +2226,6 @@ class TestUndoBelongs:
             assert code == 1, argv
             assert_one_line_error(err, "under another name")
         assert read(case.mirror) == case.new and not os.path.exists(link + ".era")
-
-    def test_older_undo_file_applied_as_a_stream(self, tmp_path, capsys):
-        case = UndoCase(tmp_path)
-        first = case.undo + ".1"
-        assert run_main(["apply", "--undo", first, "-i", case.stream_path, case.mirror],
-                        capsys)[0] == 0
-        assert run_main(["rollback", first, case.mirror], capsys)[0] == 0
-        again = write(tmp_path / "again", make_stream(
-            tmp_path, case.source, [(30, 40)], "--since-era", "5", "--era", "9",
-            "--source-id", "web1:root", name="again"))
-        assert run_main(["apply", "--undo", case.undo + ".2", "-i", again, case.mirror],
-                        capsys)[0] == 0
-        applied = read(case.mirror)
-        code, _, err = run_main(["apply", "-i", first, case.mirror], capsys)
-        assert code == 1
-        assert_one_line_error(err, "belongs to another apply")
-        assert read(case.mirror) == applied
 
     def test_cut_undo_file_applied_as_a_stream(self, tmp_path, capsys, small_chunks):
         case = UndoCase(tmp_path)
