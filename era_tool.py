@@ -3150,8 +3150,8 @@ def _cause(exc):
 def _partial(exc, dest):
     """Say what a failed apply left behind (its growth is undone first)."""
     if dest.created:
-        # Half a mirror that was not there before is worth nothing: no state names it.
-        dest.remove_if_created()
+        # Half a mirror that was not there before is worth nothing: no state names it
+        # (cmd_apply removes it).
         return _failure(exc, "%s; %s, created by this apply, is removed"
                         % (_cause(exc), dest.path))
     dest.restore_size()
@@ -3373,7 +3373,6 @@ def _roll_back_failed_apply(exc, dest, undo):
                             "%s %s'" % (_cause(exc), _cause(again), undo.path, dest.path))
         try:
             os.unlink(undo.path)
-            dest.remove_if_created()
         except OSError:
             pass
     return _failure(exc, "%s; rolled back: %s is as it was before this apply"
