@@ -2570,7 +2570,6 @@ class UndoFile:
             self.chunks = ChunkIndex()
             self.complete = False
             self.damage = None
-            self.end = 0              # where the intact part ends
             self._read()
         except BaseException:
             os.close(self.fd)
@@ -2594,11 +2593,9 @@ class UndoFile:
             raise StreamError("%s is a stream, not an undo file" % shown(self.path))
         self.header = header
         reader = StreamReader(inp, header)
-        self.end = inp.position
         try:
             for _ in reader:
                 self.chunks.append(reader.last_chunk)
-                self.end = inp.position
             self.complete = True
         except TruncatedStream:
             pass
