@@ -2417,8 +2417,6 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
         "stream_created": stream_created,
         "stream_crc": stream_crc,
     }
-    if os.path.islink(path):
-        path = os.path.realpath(path)     # a symlinked state file: the link stays
     temp = None
     try:
         try:
@@ -2653,16 +2651,15 @@ def check_rollback(undo, dest, state, state_file):
     """Refuse an undo file that is not this mirror's, or not whole where it must be."""
     header = undo.header
     check_undo_fits(header, dest, undo.path)
-    # A first full copy killed midway: its apply found an empty mirror with no state,
-    # so going back to empty loses nothing, as long as no other name can hold the
-    # mirror's state (a link).
-    first = header.device_size == 0 and header.era is None and \
-        header.previous_crc is None and state is None and \
-        not os.path.islink(dest.path) and os.fstat(dest.fd).st_nlink == 1
-    if not first:
+    # Killed before it recorded anything: its apply found no state (no era, no
+    # stream) and would have written one on completion (since_era set), and none is
+    # there; its file is cut, not damaged. A first full pass, typically.
+    killed_first = state is None and not undo.complete and undo.damage is None and \
+        header.era is None and header.previous_crc is None and header.since_era is not None
+    if not killed_first:
         check_undo_belongs(header, state, state_file, "undo file %s" % undo.path)
     completed = undo_completed(header, state)
-    if undo.complete or first:
+    if undo.complete or killed_first:
         return
     if state is None:
         # Nothing records whether that apply finished: a cut could be a crash or damage.
@@ -3074,7 +3071,7 @@ def _check_whole_undo_file(path):
         path = "/dev/fd/%d" % sys.stdin.fileno()    # `< UNDO_FILE`: the file, opened again
     if path is None or path == "-" or not os.path.isfile(path):
         raise EraError("an undo file is applied only from a file (-i UNDO_FILE), read whole "
-                       "first, or with rollback (--force applies it from a pipe)")
+                       "first: write it to a file, or use rollback")
     with UndoFile(path) as undo:
         if not undo.complete:
             raise StreamError("undo file %s is %s: applied as a stream it would stop midway "

@@ -2288,13 +2288,53 @@ class TestUndoBelongs:
         assert run_main(["apply", "--force", "-i", plain, case.mirror], capsys)[0] == 0
         assert era_tool.load_state(case.mirror + ".era")["era"] is None
 
-    def test_symlinked_state_file_keeps_its_link(self, tmp_path, capsys):
+    def test_symlink_at_the_state_file_is_not_followed(self, tmp_path, capsys):
+        # Planted where DEST.era goes: root must not create or replace its target.
         case = UndoCase(tmp_path)
-        real = str(tmp_path / "real.era")
-        os.rename(case.mirror + ".era", real)
-        os.symlink(real, case.mirror + ".era")
-        assert run_main(["apply", "-i", case.stream_path, case.mirror], capsys)[0] == 0
-        assert os.path.islink(case.mirror + ".era") and case.era() == 9
+        os.unlink(case.mirror + ".era")
+        (tmp_path / "other").mkdir()
+        target = str(tmp_path / "other" / "planted.conf")
+        os.symlink(target, case.mirror + ".era")
+        full = str(tmp_path / "full")
+        assert run_main(["copy", "--full", "--era", "3", "--source-id", "web1:root", "-o",
+                         full, "8", case.source], capsys)[0] == 0
+        assert run_main(["apply", "-i", full, case.mirror], capsys)[0] == 0
+        assert not os.path.exists(target)
+        assert not os.path.islink(case.mirror + ".era") and case.era() == 3
+
+    def test_killed_first_pass_onto_a_stateless_file(self, tmp_path, small_chunks):
+        # A file already there, no state (a preallocated one, or one left by a killed run
+        # without --undo): the killed first pass rolls back to it.
+        old = random_bytes(64 * BLOCK, 254)
+        mirror = write(tmp_path / "m.img", old)
+        source = write(tmp_path / "src", random_bytes(64 * BLOCK, 255))
+        full = make_stream(tmp_path, source, [(0, 64)], "--era", "3", name="full")
+        undo = str(tmp_path / "u")
+        proc = tool_process(["apply", "--undo", undo, mirror])
+        proc.stdin.write(full[:len(full) // 2])
+        proc.stdin.flush()
+        wait_until(lambda: os.path.exists(undo) and os.path.getsize(undo) > 0)
+        time.sleep(0.3)
+        proc.kill()
+        proc.communicate()
+        result = run_cli(["rollback", undo, mirror])
+        assert result.returncode == 0, result.stderr
+        assert read(mirror) == old
+
+    def test_complete_undo_file_with_its_state_elsewhere(self, tmp_path, capsys):
+        # --state forgotten, or the mirror renamed without its state: no wipe to empty.
+        source = write(tmp_path / "src", random_bytes(64 * BLOCK, 256))
+        full = write(tmp_path / "full", make_stream(tmp_path, source, [(0, 64)], "--era",
+                                                    "3", name="full"))
+        mirror = str(tmp_path / "m.img")
+        state = str(tmp_path / "st.json")
+        undo = str(tmp_path / "u1")
+        assert run_main(["apply", "--state", state, "--undo", undo, "-i", full, mirror],
+                        capsys)[0] == 0
+        code, _, err = run_main(["rollback", undo, mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "under another name")
+        assert read(mirror) == read(source)
 
     def test_backup_sh_names_a_damaged_undo_file(self, tmp_path):
         # The message of backup.sh's own step, through the rollback it runs.
