@@ -2257,6 +2257,7 @@ STATE_KEYS = {
     "stream_created": (False, (-(1 << 63), (1 << 63) - 1)),
     "applied": (False, (-(1 << 63), (1 << 63) - 1)),
     "stream_crc": (False, (0, (1 << 32) - 1)),
+    "stepping_back": (False, (0, (1 << 32) - 1)),
 }
 STATE_MAX = 1 << 16                # bytes: a state file is a few hundred
 
@@ -2358,6 +2359,11 @@ def check_chain(state, header, path):
         # its apply left it: that apply must have completed.
         check_undo_belongs(header, state, path, "this undo file", completed_only=True)
         return
+    if state is not None and state.get("stepping_back") is not None:
+        raise ChainError("the mirror holds parts of two versions: a step back with an undo "
+                         "file (header CRC 0x%08x) stopped midway (%s): run that rollback or "
+                         "apply -i again first (--force applies anyway)"
+                         % (state["stepping_back"], shown(path)))
     if state is None:
         if path is not None and header is not None and header.since_era is not None and \
                 not header.full:
@@ -2398,13 +2404,15 @@ def check_chain(state, header, path):
 
 
 def save_state(path, source_id, source_size, block_size, era, stream_created=None,
-               stream_crc=None):
+               stream_crc=None, stepping_back=None):
     """Record the mirror's era, atomically: only after its data is synced.
 
     era None means unknown (a stream without an era was forced onto the
     mirror): the next stream must then be a full copy.  stream_crc is the
     header CRC of the stream that brought the mirror here: it tells an undo
-    file whose apply completed from one that a crash cut short.
+    file whose apply completed from one that a crash cut short.  stepping_back
+    is the header CRC of an undo file being written back: until that step is
+    done, the mirror holds parts of two versions.
     """
     state = {
         "format": STATE_FORMAT,
@@ -2417,6 +2425,8 @@ def save_state(path, source_id, source_size, block_size, era, stream_created=Non
         "stream_created": stream_created,
         "stream_crc": stream_crc,
     }
+    if stepping_back is not None:
+        state["stepping_back"] = stepping_back
     temp = None
     try:
         try:
@@ -3037,6 +3047,10 @@ def cmd_apply(args):
             if state_file is None and header is not None and header.era is not None:
                 warn("%s is a block device: its era is not recorded without --state FILE"
                      % args.destination)
+            before_writing = None
+            if header is not None and header.undo and not args.undo:
+                # With --undo a failed step back rolls itself back: all or nothing.
+                before_writing = _once(lambda: mark_stepping_back(state_file, state, header))
 
             def commit():
                 # The data is synced: now, and only now, the mirror's era may change,
@@ -3044,7 +3058,7 @@ def cmd_apply(args):
                 if state_file is not None:
                     _record_state(state_file, state, header, replace=damaged)
             if kind == "era":
-                _apply_era(inp, header, dest, args, state, commit)
+                _apply_era(inp, header, dest, args, state, commit, before_writing)
             else:
                 _apply_legacy(inp, itertools.chain([first_record], records), dest, args)
                 with _SignalsHeld():
@@ -3094,6 +3108,20 @@ def _refuse_stream_as_mirror(path):
     if first in (MAGIC, LEGACY_MAGIC):
         raise EraError("%s is an era_tool stream or undo file, not a mirror: wrong argument? "
                        "(--force writes to it anyway)" % shown(path))
+
+
+def mark_stepping_back(path, state, header):
+    """Before an undo file is written back: the state says a step back is under way.
+
+    Stopped midway, the mirror is a mix of two versions under the newer era,
+    and the incrementals since that era would never repair the part already
+    stepped back: they are refused until the step is run again and completes.
+    """
+    if path is None or state is None:
+        return
+    save_state(path, state["source_id"], state["source_size"], state["block_size"],
+               state["era"], state.get("stream_created"), state.get("stream_crc"),
+               stepping_back=header.crc)
 
 
 def _record_state(path, state, header, replace=False):
@@ -3155,7 +3183,17 @@ def _partial(exc, dest):
                     % (_cause(exc), dest.written, dest.path))
 
 
-def _apply_era(inp, header, dest, args, state, commit):
+def _once(action):
+    """A callable that runs `action` the first time only."""
+    pending = [action]
+
+    def run():
+        if pending:
+            pending.pop()()
+    return run
+
+
+def _apply_era(inp, header, dest, args, state, commit, before_writing=None):
     """Apply an era_tool stream; commit() records the new state once the data is durable.
 
     With --undo, commit() is part of the all or nothing: a state that cannot
@@ -3181,10 +3219,12 @@ def _apply_era(inp, header, dest, args, state, commit):
         undo = UndoLog(args.undo, dest, header, state)
     try:
         _apply_chunks(inp, header, dest, undo,
-                      Progress(args.progress, "applied", header.total_bytes))
+                      Progress(args.progress, "applied", header.total_bytes), before_writing)
         # Grow or shrink only now that the whole stream is proven: a cut stream
         # whose header claims a larger device must not leave the mirror that size.
         if not dest.is_block and dest.size != header.device_size:
+            if before_writing is not None:
+                before_writing()
             if undo is not None and dest.size > header.device_size:
                 undo.save(header.device_size, dest.size - header.device_size)
                 undo.sync()
@@ -3256,8 +3296,11 @@ class ChunkWriter:
             raise self.error
 
 
-def _apply_chunks(stream, header, dest, undo, progress):
-    """Write verified chunks; with an undo log, each region's old content first."""
+def _apply_chunks(stream, header, dest, undo, progress, before_writing=None):
+    """Write verified chunks; with an undo log, each region's old content first.
+
+    before_writing() runs once the first chunk is verified, before it is written.
+    """
     if undo is not None:
         _apply_with_undo(StreamReader(stream, header), dest, undo, progress)
         return
@@ -3272,6 +3315,9 @@ def _apply_chunks(stream, header, dest, undo, progress):
     done = 0
     try:
         for offset, length, payload in StreamReader(stream, header, pool.take):
+            if before_writing is not None:
+                before_writing()
+                before_writing = None
             writer.put(offset, length, payload)
             done += length
             progress.update(done)
@@ -3447,6 +3493,7 @@ def cmd_rollback(args):
                                   % (header.device_size, dest.path, dest.size))
             if not args.force:
                 check_rollback(undo, dest, state, state_file)
+            mark_stepping_back(state_file, state, header)
             with _SignalsHeld():
                 restore_from_undo(dest, undo)
                 if state_file is not None:
