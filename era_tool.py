@@ -2347,6 +2347,18 @@ def remove_state(path):
     sync_directory(path)
 
 
+def check_same_source(state, header, path, what):
+    """Refuse a stream or undo file (`what`) of another source or block size: wrong mirror."""
+    if state["source_id"] is not None and header.source_id != state["source_id"]:
+        raise ChainError("%s is from source %r, the mirror from %r (%s): wrong mirror? "
+                         "(--force goes on anyway)"
+                         % (what, header.source_id, state["source_id"], path))
+    if state["block_size"] is not None and header.block_size != state["block_size"]:
+        raise ChainError("%s has block size %d, the mirror %d (%s): wrong mirror? "
+                         "(--force goes on anyway)"
+                         % (what, header.block_size, state["block_size"], path))
+
+
 def check_chain(state, header, path):
     """Refuse a stream that would leave a gap or belongs to another source.
 
@@ -2379,14 +2391,7 @@ def check_chain(state, header, path):
         raise ChainError("%s records era %s, and an original-format stream carries no era: "
                          "cannot prove no change is skipped (--force applies anyway)"
                          % (path, state["era"]))
-    if state["source_id"] is not None and header.source_id != state["source_id"]:
-        raise ChainError("stream is from source %r, the mirror from %r (%s): wrong mirror? "
-                         "(--force applies anyway)"
-                         % (header.source_id, state["source_id"], path))
-    if state["block_size"] is not None and header.block_size != state["block_size"]:
-        raise ChainError("stream has block size %d, the mirror %d (%s): wrong mirror? "
-                         "(--force applies anyway)"
-                         % (header.block_size, state["block_size"], path))
+    check_same_source(state, header, path, "stream")
     if header.full:
         return
     if state["era"] is None:
@@ -2721,14 +2726,7 @@ def check_undo_belongs(header, state, state_file, what, completed_only=False):
                              "has none (%s): the mirror under another name, or a wrong mirror? (--force goes on "
                              "anyway)" % (shown(what), shown(state_file)))
         return
-    if state["source_id"] is not None and state["source_id"] != header.source_id:
-        raise ChainError("undo file is from source %r, the mirror from %r (%s): wrong "
-                         "mirror? (--force goes on anyway)"
-                         % (header.source_id, state["source_id"], state_file))
-    if state["block_size"] is not None and state["block_size"] != header.block_size:
-        raise ChainError("undo file has block size %d, the mirror %d (%s): wrong mirror? "
-                         "(--force goes on anyway)"
-                         % (header.block_size, state["block_size"], state_file))
+    check_same_source(state, header, state_file, "undo file")
     eras = (header.since_era,) if completed_only else (header.since_era, header.era)
     if header.since_era is not None and state["era"] not in eras:
         raise ChainError("undo file is for the mirror at era %d, but it is at era %s (%s): "
@@ -2989,13 +2987,13 @@ def _open_stream(path):
                       % (shown(inp.name), first))
 
 
-def _apply_outputs(args, state_file):
-    """What apply writes, for refuse_same_files."""
-    outputs = [("DESTINATION %s" % args.destination, args.destination)]
+def _mirror_outputs(destination, state_file, undo=None):
+    """What apply or rollback writes, for refuse_same_files."""
+    outputs = [("DESTINATION %s" % destination, destination)]
     if state_file is not None:
         outputs.append(("the state file %s" % state_file, state_file))
-    if args.undo:
-        outputs.append(("--undo %s" % args.undo, args.undo))
+    if undo:
+        outputs.append(("--undo %s" % undo, undo))
     return outputs
 
 
@@ -3006,7 +3004,7 @@ def cmd_apply(args):
         # No name may stand for two of these: --state equal to the mirror replaced
         # the mirror with JSON.
         refuse_same_files([("the stream %s" % (args.input or "on standard input"),
-                            args.input)], _apply_outputs(args, state_file))
+                            args.input)], _mirror_outputs(args.destination, state_file, args.undo))
         if kind is None:
             if not args.allow_empty:
                 raise StreamError(
@@ -3475,10 +3473,8 @@ def cmd_rollback(args):
     if sys.stdout is None:
         raise EraError("standard output is closed: nowhere to say what was rolled back")
     state_file = state_path(args.destination, args.state)
-    outputs = [("DESTINATION %s" % args.destination, args.destination)]
-    if state_file is not None:
-        outputs.append(("the state file %s" % state_file, state_file))
-    refuse_same_files([("UNDO_FILE %s" % args.undo_file, args.undo_file)], outputs)
+    refuse_same_files([("UNDO_FILE %s" % args.undo_file, args.undo_file)],
+                      _mirror_outputs(args.destination, state_file))
     with UndoFile(args.undo_file) as undo:
         header = undo.header
         if header is None:
