@@ -754,10 +754,8 @@ def apply_quick(tmp_path, old, stream):
     """
     mirror = write(tmp_path / "mirror", old)
     path = write(tmp_path / "damaged", stream)
-    args = argparse.Namespace(input=path, destination=mirror, force=False, state=None, undo=None,
-                              allow_empty=False, progress=False)
     try:
-        era_tool.cmd_apply(args)
+        era_tool.apply_stream(path, mirror)
         message = None
     except era_tool.EraError as exc:
         message = str(exc)
@@ -787,7 +785,7 @@ class TestDamage:
 
     def test_cut_at_every_chunk_boundary_reports_progress(self, tmp_path, damage_case, capsys):
         old, new, stream = damage_case
-        header = era_tool.read_header(_BytesInput(stream))
+        header = era_tool.StreamHeader.read(_BytesInput(stream))
         position = header.raw_size if hasattr(header, "raw_size") else len(header.raw)
         boundaries = []
         while stream[position:position + 4] in (b"DATA", b"ZERO"):
@@ -861,7 +859,7 @@ class TestDamage:
 
     def test_swapped_chunks_refused(self, tmp_path, damage_case, capsys):
         old, new, stream = damage_case
-        position = len(era_tool.read_header(_BytesInput(stream)).raw)
+        position = len(era_tool.StreamHeader.read(_BytesInput(stream)).raw)
         first = 24 + BLOCK
         swapped = (stream[:position] + stream[position + first:position + 2 * first]
                    + stream[position:position + first] + stream[position + 2 * first:])
@@ -916,7 +914,7 @@ class _BytesInput:
 
 def _structure_positions(stream):
     """Byte positions of the header, every chunk header and the trailer."""
-    header = era_tool.read_header(_BytesInput(stream))
+    header = era_tool.StreamHeader.read(_BytesInput(stream))
     positions = list(range(len(header.raw)))
     position = len(header.raw)
     while stream[position:position + 4] in (b"DATA", b"ZERO"):
@@ -1416,7 +1414,7 @@ class UndoCase:
         self.mirror = str(tmp_path / "mirror.img")
         self.undo = str(tmp_path / "mirror.img.undo")
         write(self.mirror, self.old)
-        era_tool.save_state(self.mirror + ".era", "web1:root", len(self.old), 8, 5)
+        era_tool.MirrorState(self.mirror + ".era").save("web1:root", len(self.old), 8, 5)
         self.stream = make_stream(tmp_path, self.source, self.ranges, "--since-era", "5",
                                   "--era", "9", "--source-id", "web1:root", name="u.era")
         self.stream_path = write(tmp_path / "u.era", self.stream)
@@ -1524,7 +1522,7 @@ class TestUndo:
         monkeypatch.setattr(era_tool, "UNDO_BATCH", BLOCK)     # overwrite as early as possible
         case = UndoCase(tmp_path)
         stream = bytearray(case.stream)
-        header_size = len(era_tool.read_header(_BytesInput(case.stream)).raw)
+        header_size = len(era_tool.StreamHeader.read(_BytesInput(case.stream)).raw)
         damaged = {
             "header": bytes(stream[:header_size]),
             "chunk": bytes(stream[:header_size + 3 * (24 + 4 * BLOCK) + 10]),
@@ -1570,7 +1568,7 @@ class TestUndo:
         outcomes = set()
         for attempt in range(30):
             write(case.mirror, case.old)
-            era_tool.save_state(case.mirror + ".era", "web1:root", len(case.old), 8, 5)
+            era_tool.MirrorState(case.mirror + ".era").save("web1:root", len(case.old), 8, 5)
             if os.path.exists(case.undo):
                 os.unlink(case.undo)
             proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
@@ -1613,7 +1611,7 @@ class TestUndo:
         case = UndoCase(tmp_path)
         assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
                               case.mirror]) == 0
-        era_tool.save_state(case.mirror + ".era", "db1:root", len(case.old), 8, 9)
+        era_tool.MirrorState(case.mirror + ".era").save("db1:root", len(case.old), 8, 9)
         code, _, err = run_main(["rollback", case.undo, case.mirror], capsys)
         assert code == 1
         assert_one_line_error(err, "from source 'web1:root'", "--force")
@@ -2260,17 +2258,18 @@ class TestUndoBelongs:
         assert run_main(["apply", "--undo", case.undo, "-i", case.stream_path, case.mirror],
                         capsys)[0] == 0
         writes = []
-        real = era_tool.Destination.write_aligned
+        real = era_tool.Destination.put
 
-        def write_then_stop(self, offset, view):
-            if len(writes) == 3:
-                raise KeyboardInterrupt
-            writes.append(offset)
-            real(self, offset, view)
-        monkeypatch.setattr(era_tool.Destination, "write_aligned", write_then_stop)
+        def write_then_stop(self, offset, length, payload=None):
+            if payload is not None:
+                if len(writes) == 3:
+                    raise KeyboardInterrupt
+                writes.append(offset)
+            real(self, offset, length, payload)
+        monkeypatch.setattr(era_tool.Destination, "put", write_then_stop)
         code, _, err = run_main(["apply", "-i", case.undo, case.mirror], capsys)
         assert code == 130 and "partially updated" in err
-        monkeypatch.setattr(era_tool.Destination, "write_aligned", real)
+        monkeypatch.setattr(era_tool.Destination, "put", real)
         assert read(case.mirror) not in (case.old, case.new)
         later = write(tmp_path / "later", make_stream(
             tmp_path, case.source, [(0, 2)], "--since-era", "9", "--era", "11",
@@ -2316,7 +2315,7 @@ class TestUndoBelongs:
         plain = write(tmp_path / "plain", make_stream(tmp_path, case.source, [(0, 2)],
                                                       name="plain"))
         assert run_main(["apply", "--force", "-i", plain, case.mirror], capsys)[0] == 0
-        assert era_tool.load_state(case.mirror + ".era")["era"] is None
+        assert era_tool.MirrorState.load(case.mirror + ".era").era is None
 
     def test_symlink_at_the_state_file_is_not_followed(self, tmp_path, capsys):
         # Planted where DEST.era goes: root must not create or replace its target.
@@ -2435,7 +2434,8 @@ class TestKilledGrowth:
 
     def test_larger_mirror_of_another_size_still_refused(self, tmp_path, capsys):
         case = UndoCase(tmp_path)
-        era_tool.save_state(case.mirror + ".era", "web1:root", len(case.old) + BLOCK, 8, 5)
+        era_tool.MirrorState(case.mirror + ".era").save("web1:root", len(case.old) + BLOCK,
+                                                        8, 5)
         with open(case.mirror, "ab") as f:
             f.write(bytes(BLOCK))
         code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
@@ -3771,7 +3771,7 @@ class TestMetadataCommands:
         code, out, _ = run_main(["info", "--json", "-i", stream], capsys)
         info = json.loads(out)
         assert (info["block_size"], info["since_era"], info["era"]) == (128, 8, 9)
-        era_tool.save_state(mirror + ".era", "", len(old), 128, 8)   # a mirror at era 8
+        era_tool.MirrorState(mirror + ".era").save("", len(old), 128, 8)   # a mirror at era 8
         assert era_tool.main(["apply", "-i", stream, mirror]) == 0
         result = read(mirror)
         for block in range(64):
@@ -4157,7 +4157,7 @@ class FuzzCase:
         mirror, state = fuzz_snapshot(self.mirror), fuzz_snapshot(self.state_path)
         if kind == "apply" and "partially updated" in err and state != before[1]:
             # An undo file written back in part: the state says a step back stopped midway.
-            assert era_tool.load_state(self.state_path).get("stepping_back") is not None, \
+            assert era_tool.MirrorState.load(self.state_path).stepping_back is not None, \
                 "%s: exit 1 changed the state file\n%s" % (where, err)
         else:
             assert state == before[1], "%s: exit 1 changed the state file\n%s" % (where, err)
