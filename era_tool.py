@@ -153,6 +153,7 @@ LEGACY_MAGIC = b"ERARANGE"
 LEGACY_RECORD = struct.Struct("=8sqq")   # host byte order, as the C tool wrote
 
 FORMATS = ("era", "legacy")
+STDOUT_CLOSED = "standard output was closed before everything was printed"
 
 # ---------------------------------------------------------------------------
 # Exceptions
@@ -2891,7 +2892,10 @@ def say(text):
         text = text.encode(encoding, "backslashreplace").decode(encoding)
     except (LookupError, UnicodeError):
         text = text.encode("ascii", "backslashreplace").decode("ascii")
-    sys.stdout.write(text + "\n")
+    try:
+        sys.stdout.write(text + "\n")
+    except BrokenPipeError:
+        raise EraError(STDOUT_CLOSED) from None
 
 
 # ---------------------------------------------------------------------------
@@ -3199,7 +3203,7 @@ def _cause(exc):
         return exc.strerror or str(exc)
     if isinstance(exc, MemoryError):
         return "out of memory"
-    return "unexpected %s: %s" % (type(exc).__name__, exc)
+    return "internal error: %s: %s" % (type(exc).__name__, exc)
 
 
 def _partial(exc, dest):
@@ -3273,6 +3277,43 @@ def _mirror_outputs(destination, state_file, undo=None):
     if undo:
         outputs.append(("--undo %s" % undo, undo))
     return outputs
+
+
+def _check_whole_undo_file(path):
+    """An undo file applied as a stream must be whole before its first chunk is written.
+
+    Stopped midway it leaves the mirror a mix of two versions, labelled with
+    the newer era: no later incremental repairs that (rollback restores what a
+    cut file holds, and knows when that is right).
+    """
+    if (path is None or path == "-") and sys.stdin is not None and \
+            stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
+        path = "/dev/fd/%d" % sys.stdin.fileno()    # `< UNDO_FILE`: the file, opened again
+    if path is None or path == "-" or not os.path.isfile(path):
+        raise EraError("an undo file is applied only from a file (-i UNDO_FILE), read whole "
+                       "first: write it to a file, or use rollback")
+    with UndoFile(path) as undo:
+        if not undo.complete:
+            raise StreamError("undo file %s is %s: applied as a stream it would stop midway "
+                              "and leave a mix of two versions; nothing was written (rollback "
+                              "restores what it holds where that is safe)"
+                              % (shown(path), "damaged (%s)" % undo.damage if undo.damage
+                                 else "cut short"))
+
+
+def _refuse_stream_as_mirror(path):
+    """A stream or undo file given as DESTINATION would be overwritten: the only way back."""
+    try:
+        fd, info = open_device(path, os.O_RDONLY)
+    except OSError:
+        return                        # missing (created) or unusable: Destination says
+    try:
+        first = os.pread(fd, len(MAGIC), 0) if stat.S_ISREG(info.st_mode) else b""
+    finally:
+        os.close(fd)
+    if first in (MAGIC, LEGACY_MAGIC):
+        raise EraError("%s is an era_tool stream or undo file, not a mirror: wrong argument? "
+                       "(--force writes to it anyway)" % shown(path))
 
 
 def apply_stream(stream, destination, undo=None, force=False, progress=False, state=None,
@@ -3505,8 +3546,196 @@ def roll_back(undo_file, destination, state=None, force=False):
 
 
 # ---------------------------------------------------------------------------
-# Commands
+# Command line: what every command's parser shares
 # ---------------------------------------------------------------------------
+
+
+def _version():
+    import hashlib   # only --version needs it; importing costs every start 2 ms
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        return "era_tool %s (%s sha256 %s)" % (__version__, os.path.basename(__file__), digest)
+    except OSError:
+        return "era_tool %s" % __version__
+
+
+def _block_size(text):
+    if text.strip().isdigit() and len(text.strip()) > 20:
+        raise argparse.ArgumentTypeError("%s...: larger than any dm-era block size (at most "
+                                         "%d sectors)" % (text.strip()[:20], MAX_BLOCK_SIZE))
+    try:
+        value = int(text) if len(text) <= 20 else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not a whole number of sectors" % text[:40])
+    if value <= 0 or value % SECTORS_PER_PAGE or value > MAX_BLOCK_SIZE:
+        raise argparse.ArgumentTypeError(
+            "%d: dm-era block sizes are positive multiples of 8 sectors, at most %d"
+            % (value, MAX_BLOCK_SIZE))
+    return value
+
+
+def _era(text):
+    try:
+        value = int(text) if len(text) <= 20 else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text[:40])
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError("%d is not an era (0 .. 4294967295)" % value)
+    return value
+
+
+def _source_id(text):
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
+        raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8")
+    return text
+
+
+@functools.lru_cache(maxsize=None)
+def _help_width():
+    """The width argparse would use (as shutil.get_terminal_size), found once.
+
+    argparse makes a formatter for every add_argument and asks shutil for the
+    terminal size each time; importing shutil (with bz2 and lzma) and asking
+    forty times costs every start about 2 ms.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width or _help_width())
+
+
+class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """Epilogs with examples keep their lines."""
+
+
+class _VersionAction(argparse.Action):
+    """--version, with the file's digest computed only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and the script's sha256, and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if sys.stdout is None:
+            parser.exit(1, "era_tool: error: standard output is closed\n")
+        sys.stdout.write(_version() + "\n")
+        parser.exit()
+
+
+# ---------------------------------------------------------------------------
+# Commands: each one's options, checks and work, in turn
+# ---------------------------------------------------------------------------
+
+
+COPY_EPILOG = """\
+examples:
+  era_invalidate --metadata-snapshot --written-since 42 /dev/meta | python3 era_tool.py copy 1024
+      print "N bytes to copy" (the estimate; --json for ranges and blocks too)
+  era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
+      | python3 era_tool.py copy --since-era 42 --era 45 1024 /dev/mapper/root_era \\
+      | gzip -1 | ssh backup 'gzip -d | python3 era_tool.py apply /srv/root.img'
+  python3 era_tool.py copy --full 1024 /dev/mapper/root_era -o full.era
+  python3 era_tool.py copy --metadata /dev/sda3 --since 42 /dev/mapper/root_era > delta.era
+      the block list, block size and eras straight from the metadata snapshot
+"""
+
+
+def add_copy_parser(commands):
+    """The copy command's options."""
+    copy = commands.add_parser(
+        "copy", help="read the listed blocks from a device into a stream",
+        description="Read era_invalidate's XML block list (stdin or -i) and copy those blocks "
+                    "of DEVICE into a stream (stdout or -o). Without DEVICE, print how many "
+                    "bytes would be copied. The whole list is checked before any data moves.",
+        epilog=COPY_EPILOG, formatter_class=_RawHelpFormatter)
+    copy.add_argument("block_size", metavar="BLOCK_SIZE", nargs="?",
+                      help="dm-era block size in 512-byte sectors (the last number of "
+                           "'dmsetup table' for the era device); optional with --metadata")
+    copy.add_argument("device", metavar="DEVICE", nargs="?",
+                      help="the device (or file) to read; omit for the estimate")
+    copy.add_argument("-i", "--input", metavar="XML",
+                      help="read the block list from XML instead of standard input")
+    copy.add_argument("--metadata", metavar="META_DEV",
+                      help="read the block list from the dm-era metadata device itself "
+                           "(its metadata snapshot; no era_invalidate needed); needs --since")
+    copy.add_argument("--since", type=_era, metavar="ERA",
+                      help="with --metadata: blocks written in era ERA or later; recorded "
+                           "as the since-era, and the snapshot's era as the era")
+    copy.add_argument("--live", action="store_true",
+                      help="with --metadata: read the live superblock instead of the "
+                           "snapshot (only for a stopped target or a copy of its metadata)")
+    copy.add_argument("-o", "--output", metavar="STREAM",
+                      help="write the stream to STREAM instead of standard output")
+    copy.add_argument("--full", action="store_true",
+                      help="copy the whole device, no block list (the first backup); "
+                           "all-zero chunks are sent without their data")
+    copy.add_argument("--format", choices=FORMATS, default="era",
+                      help="stream format: era (checked, default) or legacy (the original "
+                           "era_copy format, for the original era_apply)")
+    copy.add_argument("--json", action="store_true",
+                      help="estimate as JSON: {\"bytes\": ..., \"ranges\": ..., \"blocks\": ...}")
+    copy.add_argument("--since-era", type=_era, metavar="N",
+                      help="record in the header: the list holds blocks written since era N")
+    copy.add_argument("--era", type=_era, metavar="N",
+                      help="record in the header: the era the metadata snapshot was taken at")
+    copy.add_argument("--source-id", type=_source_id, metavar="ID",
+                      help="record in the header: a name for the source (e.g. host:device)")
+    copy.add_argument("--progress", action="store_true",
+                      help="show bytes copied, rate and ETA on stderr")
+    # Cross-checks report through this command's usage line.
+    copy.set_defaults(func=cmd_copy, check=functools.partial(check_copy_args, copy))
+    return copy
+
+
+def check_copy_args(parser, args):
+    """Cross-option checks of copy, in one place; usage errors exit 2."""
+    if args.metadata is None:
+        if args.block_size is None:
+            parser.error("copy needs BLOCK_SIZE (or --metadata, which knows it)")
+        if args.since is not None or args.live:
+            parser.error("--since and --live go with --metadata")
+    else:
+        if args.since is None:
+            parser.error("--metadata needs --since ERA")
+        if args.full or args.input is not None or args.since_era is not None:
+            parser.error("--metadata reads the block list itself: no --full, -i or --since-era")
+        if args.device is None and args.block_size is not None \
+                and not args.block_size.isdigit():
+            args.device, args.block_size = args.block_size, None   # copy --metadata M DEV
+    if args.block_size is not None:
+        try:
+            args.block_size = _block_size(args.block_size)
+        except argparse.ArgumentTypeError as exc:
+            parser.error("argument BLOCK_SIZE: %s" % exc)
+    if args.full and args.device is None:
+        parser.error("--full copies a device: give DEVICE")
+    if args.full and args.input is not None:
+        parser.error("--full copies the whole device and reads no block list: drop -i")
+    if args.json and args.device is not None:
+        parser.error("--json prints the estimate, which takes no DEVICE")
+    since = args.since if args.metadata is not None else args.since_era
+    if since is not None and args.era is not None and since > args.era:
+        parser.error("the list starts at era %d, later than --era %d" % (since, args.era))
 
 
 def refuse_terminal(path):
@@ -3593,47 +3822,93 @@ def cmd_copy(args):
     return 0
 
 
+APPLY_EPILOG = """\
+examples:
+  ssh host 'era_invalidate ... | python3 era_tool.py copy 1024 /dev/mapper/root_era' \\
+      | python3 era_tool.py apply /srv/root.img
+  python3 era_tool.py apply -i full.era /srv/root.img
+  zstd -d < delta.era.zst | python3 era_tool.py apply --progress /dev/backup/root
+  python3 era_tool.py apply --undo /srv/root.img.undo.$(date +%Y%m%d-%H%M%S) /srv/root.img < delta.era
+
+exit 0 means the stream was complete and intact and the data is on disk (fsync).
+On a damaged or cut stream nothing unverified is written; the message says how
+much was applied and that the destination is partially updated (with --undo:
+rolled back). One apply or rollback per mirror at a time (flock); a mirror,
+undo or state file that apply creates is mode 0600 (chmod it to share it).
+"""
+
+
+def add_apply_parser(commands):
+    """The apply command's options."""
+    apply_ = commands.add_parser(
+        "apply", help="write a stream into a mirror file or block device",
+        description="Apply a stream (era_tool or original era_copy format, detected) to "
+                    "DESTINATION: every chunk is verified before it is written. A missing "
+                    "file is created and a file is grown to the source size.",
+        epilog=APPLY_EPILOG, formatter_class=_RawHelpFormatter)
+    apply_.add_argument("destination", metavar="DESTINATION",
+                        help="mirror file (created if missing) or block device (opened "
+                             "exclusively: a mounted one is refused)")
+    apply_.add_argument("-i", "--input", metavar="STREAM",
+                        help="read the stream from STREAM instead of standard input")
+    apply_.add_argument("--state", metavar="FILE",
+                        help="the mirror's chain state (default: DESTINATION.era beside a "
+                             "mirror file; a block device needs this to keep one)")
+    apply_.add_argument("--force", action="store_true",
+                        help="apply even if the stream does not continue the mirror's chain "
+                             "(gap, other source, other block size, an incremental onto a "
+                             "mirror with no state), DESTINATION is a stream or undo file, or "
+                             "the mirror file is larger than the source (then shrink it to "
+                             "the source size once the stream is complete)")
+    apply_.add_argument("--undo", metavar="UNDO_FILE",
+                        help="first save the old content of every region overwritten into "
+                             "UNDO_FILE (a new file), synced before the overwrite: a failed "
+                             "apply then rolls itself back, and 'rollback' or applying "
+                             "UNDO_FILE steps the mirror back later")
+    apply_.add_argument("--allow-empty", action="store_true",
+                        help="accept an empty input as an original-format stream with no "
+                             "changes")
+    apply_.add_argument("--progress", action="store_true",
+                        help="show bytes applied, rate and ETA on stderr")
+    apply_.set_defaults(func=cmd_apply)
+    return apply_
+
+
 def cmd_apply(args):
     apply_stream(args.input, args.destination, undo=args.undo, force=args.force,
                  progress=args.progress, state=args.state, allow_empty=args.allow_empty)
     return 0
 
 
-def _check_whole_undo_file(path):
-    """An undo file applied as a stream must be whole before its first chunk is written.
-
-    Stopped midway it leaves the mirror a mix of two versions, labelled with
-    the newer era: no later incremental repairs that (rollback restores what a
-    cut file holds, and knows when that is right).
-    """
-    if (path is None or path == "-") and sys.stdin is not None and \
-            stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
-        path = "/dev/fd/%d" % sys.stdin.fileno()    # `< UNDO_FILE`: the file, opened again
-    if path is None or path == "-" or not os.path.isfile(path):
-        raise EraError("an undo file is applied only from a file (-i UNDO_FILE), read whole "
-                       "first: write it to a file, or use rollback")
-    with UndoFile(path) as undo:
-        if not undo.complete:
-            raise StreamError("undo file %s is %s: applied as a stream it would stop midway "
-                              "and leave a mix of two versions; nothing was written (rollback "
-                              "restores what it holds where that is safe)"
-                              % (shown(path), "damaged (%s)" % undo.damage if undo.damage
-                                 else "cut short"))
+BLOCKS_EPILOG = """\
+examples:
+  dmsetup message root_era 0 take_metadata_snap
+  python3 era_tool.py blocks --metadata /dev/sda3 --since 42 | python3 era_tool.py copy 1024
+  python3 era_tool.py blocks --metadata /dev/sda3 --since 42 > list.xml
+  dmsetup message root_era 0 drop_metadata_snap
+  python3 era_tool.py blocks --live --metadata meta-copy.img --since 1
+"""
 
 
-def _refuse_stream_as_mirror(path):
-    """A stream or undo file given as DESTINATION would be overwritten: the only way back."""
-    try:
-        fd, info = open_device(path, os.O_RDONLY)
-    except OSError:
-        return                        # missing (created) or unusable: Destination says
-    try:
-        first = os.pread(fd, len(MAGIC), 0) if stat.S_ISREG(info.st_mode) else b""
-    finally:
-        os.close(fd)
-    if first in (MAGIC, LEGACY_MAGIC):
-        raise EraError("%s is an era_tool stream or undo file, not a mirror: wrong argument? "
-                       "(--force writes to it anyway)" % shown(path))
+def add_blocks_parser(commands):
+    """The blocks command's options."""
+    blocks = commands.add_parser(
+        "blocks", help="print the changed-block list from dm-era metadata, as era_invalidate",
+        description="Read the dm-era metadata device and print the blocks written since ERA "
+                    "in era_invalidate's XML, so it can stand in for era_invalidate. By "
+                    "default the metadata snapshot is read (take_metadata_snap first); every "
+                    "block read is checked (checksums, magic, structure).",
+        epilog=BLOCKS_EPILOG, formatter_class=_RawHelpFormatter)
+    blocks.add_argument("--metadata", metavar="META_DEV", required=True,
+                        help="the dm-era metadata device (or a copy of it)")
+    blocks.add_argument("--since", type=_era, metavar="ERA", required=True,
+                        help="list blocks written in era ERA or later")
+    blocks.add_argument("--live", action="store_true",
+                        help="read the live superblock, and its current writeset, instead of "
+                             "the snapshot: only for a stopped target or a copy of its "
+                             "metadata")
+    blocks.set_defaults(func=cmd_blocks)
+    return blocks
 
 
 def cmd_blocks(args):
@@ -3646,8 +3921,38 @@ def cmd_blocks(args):
             out.write(line)
         out.flush()
     except BrokenPipeError:
-        raise EraError("standard output was closed before the list ended") from None
+        raise EraError(STDOUT_CLOSED) from None
     return 0
+
+
+ROLLBACK_EPILOG = """\
+examples:
+  python3 era_tool.py rollback /srv/root.img.undo.20261126 /srv/root.img
+      after a killed apply --undo: the mirror is as before that apply
+  for undo in $(ls -r /srv/root.img.undo.*); do python3 era_tool.py rollback "$undo" /srv/root.img; done
+      step back through kept versions, newest first
+"""
+
+
+def add_rollback_parser(commands):
+    """The rollback command's options."""
+    rollback = commands.add_parser(
+        "rollback", help="put a mirror back as it was before an apply --undo",
+        description="Restore DESTINATION byte for byte to its state before the apply that "
+                    "wrote UNDO_FILE, from a complete undo file or one cut short by a killed "
+                    "or crashed apply, and restore its recorded era.",
+        epilog=ROLLBACK_EPILOG, formatter_class=_RawHelpFormatter)
+    rollback.add_argument("undo_file", metavar="UNDO_FILE", help="written by apply --undo")
+    rollback.add_argument("destination", metavar="DESTINATION", help="the mirror")
+    rollback.add_argument("--state", metavar="FILE",
+                          help="the mirror's state file, if not DESTINATION.era")
+    rollback.add_argument("--force", action="store_true",
+                          help="roll back even if the undo file does not match the mirror "
+                               "(source, era, size, the apply its state records), or is cut "
+                               "short or damaged where it must be whole: what it holds intact "
+                               "is written back")
+    rollback.set_defaults(func=cmd_rollback)
+    return rollback
 
 
 def cmd_rollback(args):
@@ -3666,12 +3971,43 @@ def cmd_rollback(args):
     return 0
 
 
+INFO_EPILOG = """\
+examples:
+  python3 era_tool.py info -i delta.era
+  gzip -d < delta.era.gz | python3 era_tool.py info --json
+  python3 era_tool.py info /srv/root.img          the mirror's size and the era it holds
+"""
+
+
+def add_info_parser(commands):
+    """The info command's options."""
+    info = commands.add_parser(
+        "info", help="describe and verify a stream without writing anything",
+        description="Print a stream's header, read it through and report its chunks, bytes "
+                    "and whether it is intact. Exit 1 if it is damaged or cut short.",
+        epilog=INFO_EPILOG, formatter_class=_RawHelpFormatter)
+    info.add_argument("-i", "--input", metavar="STREAM",
+                      help="read the stream from STREAM instead of standard input")
+    info.add_argument("mirror", metavar="MIRROR", nargs="?",
+                      help="show a mirror's size and chain state instead of a stream")
+    info.add_argument("--state", metavar="FILE",
+                      help="with MIRROR: its state file, if not MIRROR.era")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    # Cross-checks report through this command's usage line.
+    info.set_defaults(func=cmd_info, check=functools.partial(check_info_args, info))
+    return info
+
+
+def check_info_args(parser, args):
+    """A stream or a mirror; usage errors exit 2."""
+    if args.mirror is not None and args.input is not None:
+        parser.error("info shows a stream (-i) or a mirror (MIRROR), not both")
+
+
 def cmd_info(args):
     if sys.stdout is None:
         raise EraError("standard output is closed: nowhere to print the description")
     if args.mirror is not None:
-        if args.input is not None:
-            raise EraError("info shows a stream (-i) or a mirror (MIRROR), not both")
         return _mirror_info(args)
     inp, kind, first = open_stream(args.input)
     try:
@@ -3779,150 +4115,6 @@ def _print_info(info, as_json):
 # ---------------------------------------------------------------------------
 
 
-def _version():
-    import hashlib   # only --version needs it; importing costs every start 2 ms
-    try:
-        with open(os.path.abspath(__file__), "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:12]
-        return "era_tool %s (%s sha256 %s)" % (__version__, os.path.basename(__file__), digest)
-    except OSError:
-        return "era_tool %s" % __version__
-
-
-def _block_size(text):
-    if text.strip().isdigit() and len(text.strip()) > 20:
-        raise argparse.ArgumentTypeError("%s...: larger than any dm-era block size (at most "
-                                         "%d sectors)" % (text.strip()[:20], MAX_BLOCK_SIZE))
-    try:
-        value = int(text) if len(text) <= 20 else None
-    except ValueError:
-        value = None
-    if value is None:
-        raise argparse.ArgumentTypeError("%r is not a whole number of sectors" % text[:40])
-    if value <= 0 or value % SECTORS_PER_PAGE or value > MAX_BLOCK_SIZE:
-        raise argparse.ArgumentTypeError(
-            "%d: dm-era block sizes are positive multiples of 8 sectors, at most %d"
-            % (value, MAX_BLOCK_SIZE))
-    return value
-
-
-def _era(text):
-    try:
-        value = int(text) if len(text) <= 20 else None
-    except ValueError:
-        value = None
-    if value is None:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text[:40])
-    if not 0 <= value < 1 << 32:
-        raise argparse.ArgumentTypeError("%d is not an era (0 .. 4294967295)" % value)
-    return value
-
-
-def _source_id(text):
-    if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
-        raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("not valid UTF-8")
-    return text
-
-
-COPY_EPILOG = """\
-examples:
-  era_invalidate --metadata-snapshot --written-since 42 /dev/meta | python3 era_tool.py copy 1024
-      print "N bytes to copy" (the estimate; --json for ranges and blocks too)
-  era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
-      | python3 era_tool.py copy --since-era 42 --era 45 1024 /dev/mapper/root_era \\
-      | gzip -1 | ssh backup 'gzip -d | python3 era_tool.py apply /srv/root.img'
-  python3 era_tool.py copy --full 1024 /dev/mapper/root_era -o full.era
-  python3 era_tool.py copy --metadata /dev/sda3 --since 42 /dev/mapper/root_era > delta.era
-      the block list, block size and eras straight from the metadata snapshot
-"""
-
-APPLY_EPILOG = """\
-examples:
-  ssh host 'era_invalidate ... | python3 era_tool.py copy 1024 /dev/mapper/root_era' \\
-      | python3 era_tool.py apply /srv/root.img
-  python3 era_tool.py apply -i full.era /srv/root.img
-  zstd -d < delta.era.zst | python3 era_tool.py apply --progress /dev/backup/root
-  python3 era_tool.py apply --undo /srv/root.img.undo.$(date +%Y%m%d-%H%M%S) /srv/root.img < delta.era
-
-exit 0 means the stream was complete and intact and the data is on disk (fsync).
-On a damaged or cut stream nothing unverified is written; the message says how
-much was applied and that the destination is partially updated (with --undo:
-rolled back). One apply or rollback per mirror at a time (flock); a mirror,
-undo or state file that apply creates is mode 0600 (chmod it to share it).
-"""
-
-BLOCKS_EPILOG = """\
-examples:
-  dmsetup message root_era 0 take_metadata_snap
-  python3 era_tool.py blocks --metadata /dev/sda3 --since 42 | python3 era_tool.py copy 1024
-  python3 era_tool.py blocks --metadata /dev/sda3 --since 42 > list.xml
-  dmsetup message root_era 0 drop_metadata_snap
-  python3 era_tool.py blocks --live --metadata meta-copy.img --since 1
-"""
-
-ROLLBACK_EPILOG = """\
-examples:
-  python3 era_tool.py rollback /srv/root.img.undo.20261126 /srv/root.img
-      after a killed apply --undo: the mirror is as before that apply
-  for undo in $(ls -r /srv/root.img.undo.*); do python3 era_tool.py rollback "$undo" /srv/root.img; done
-      step back through kept versions, newest first
-"""
-
-INFO_EPILOG = """\
-examples:
-  python3 era_tool.py info -i delta.era
-  gzip -d < delta.era.gz | python3 era_tool.py info --json
-  python3 era_tool.py info /srv/root.img          the mirror's size and the era it holds
-"""
-
-
-@functools.lru_cache(maxsize=None)
-def _help_width():
-    """The width argparse would use (as shutil.get_terminal_size), found once.
-
-    argparse makes a formatter for every add_argument and asks shutil for the
-    terminal size each time; importing shutil (with bz2 and lzma) and asking
-    forty times costs every start about 2 ms.
-    """
-    try:
-        columns = int(os.environ.get("COLUMNS", "0"))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return (columns or 80) - 2
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
-        super().__init__(prog, indent_increment, max_help_position, width or _help_width())
-
-
-class _RawHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
-    """Epilogs with examples keep their lines."""
-
-
-class _VersionAction(argparse.Action):
-    """--version, with the file's digest computed only when asked for."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                 help="show the version and the script's sha256, and exit"):
-        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if sys.stdout is None:
-            parser.exit(1, "era_tool: error: standard output is closed\n")
-        sys.stdout.write(_version() + "\n")
-        parser.exit()
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="era_tool", formatter_class=_HelpFormatter,
@@ -3933,160 +4125,10 @@ def build_parser():
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    copy = commands.add_parser(
-        "copy", help="read the listed blocks from a device into a stream",
-        description="Read era_invalidate's XML block list (stdin or -i) and copy those blocks "
-                    "of DEVICE into a stream (stdout or -o). Without DEVICE, print how many "
-                    "bytes would be copied. The whole list is checked before any data moves.",
-        epilog=COPY_EPILOG, formatter_class=_RawHelpFormatter)
-    copy.add_argument("block_size", metavar="BLOCK_SIZE", nargs="?",
-                      help="dm-era block size in 512-byte sectors (the last number of "
-                           "'dmsetup table' for the era device); optional with --metadata")
-    copy.add_argument("device", metavar="DEVICE", nargs="?",
-                      help="the device (or file) to read; omit for the estimate")
-    copy.add_argument("-i", "--input", metavar="XML",
-                      help="read the block list from XML instead of standard input")
-    copy.add_argument("--metadata", metavar="META_DEV",
-                      help="read the block list from the dm-era metadata device itself "
-                           "(its metadata snapshot; no era_invalidate needed); needs --since")
-    copy.add_argument("--since", type=_era, metavar="ERA",
-                      help="with --metadata: blocks written in era ERA or later; recorded "
-                           "as the since-era, and the snapshot's era as the era")
-    copy.add_argument("--live", action="store_true",
-                      help="with --metadata: read the live superblock instead of the "
-                           "snapshot (only for a stopped target or a copy of its metadata)")
-    copy.add_argument("-o", "--output", metavar="STREAM",
-                      help="write the stream to STREAM instead of standard output")
-    copy.add_argument("--full", action="store_true",
-                      help="copy the whole device, no block list (the first backup); "
-                           "all-zero chunks are sent without their data")
-    copy.add_argument("--format", choices=FORMATS, default="era",
-                      help="stream format: era (checked, default) or legacy (the original "
-                           "era_copy format, for the original era_apply)")
-    copy.add_argument("--json", action="store_true",
-                      help="estimate as JSON: {\"bytes\": ..., \"ranges\": ..., \"blocks\": ...}")
-    copy.add_argument("--since-era", type=_era, metavar="N",
-                      help="record in the header: the list holds blocks written since era N")
-    copy.add_argument("--era", type=_era, metavar="N",
-                      help="record in the header: the era the metadata snapshot was taken at")
-    copy.add_argument("--source-id", type=_source_id, metavar="ID",
-                      help="record in the header: a name for the source (e.g. host:device)")
-    copy.add_argument("--progress", action="store_true",
-                      help="show bytes copied, rate and ETA on stderr")
-    copy.set_defaults(func=cmd_copy)
-
-    apply_ = commands.add_parser(
-        "apply", help="write a stream into a mirror file or block device",
-        description="Apply a stream (era_tool or original era_copy format, detected) to "
-                    "DESTINATION: every chunk is verified before it is written. A missing "
-                    "file is created and a file is grown to the source size.",
-        epilog=APPLY_EPILOG, formatter_class=_RawHelpFormatter)
-    apply_.add_argument("destination", metavar="DESTINATION",
-                        help="mirror file (created if missing) or block device (opened "
-                             "exclusively: a mounted one is refused)")
-    apply_.add_argument("-i", "--input", metavar="STREAM",
-                        help="read the stream from STREAM instead of standard input")
-    apply_.add_argument("--state", metavar="FILE",
-                        help="the mirror's chain state (default: DESTINATION.era beside a "
-                             "mirror file; a block device needs this to keep one)")
-    apply_.add_argument("--force", action="store_true",
-                        help="apply even if the stream does not continue the mirror's chain "
-                             "(gap, other source, other block size, an incremental onto a "
-                             "mirror with no state), DESTINATION is a stream or undo file, or "
-                             "the mirror file is larger than the source (then shrink it to "
-                             "the source size once the stream is complete)")
-    apply_.add_argument("--undo", metavar="UNDO_FILE",
-                        help="first save the old content of every region overwritten into "
-                             "UNDO_FILE (a new file), synced before the overwrite: a failed "
-                             "apply then rolls itself back, and 'rollback' or applying "
-                             "UNDO_FILE steps the mirror back later")
-    apply_.add_argument("--allow-empty", action="store_true",
-                        help="accept an empty input as an original-format stream with no "
-                             "changes")
-    apply_.add_argument("--progress", action="store_true",
-                        help="show bytes applied, rate and ETA on stderr")
-    apply_.set_defaults(func=cmd_apply)
-
-    blocks = commands.add_parser(
-        "blocks", help="print the changed-block list from dm-era metadata, as era_invalidate",
-        description="Read the dm-era metadata device and print the blocks written since ERA "
-                    "in era_invalidate's XML, so it can stand in for era_invalidate. By "
-                    "default the metadata snapshot is read (take_metadata_snap first); every "
-                    "block read is checked (checksums, magic, structure).",
-        epilog=BLOCKS_EPILOG, formatter_class=_RawHelpFormatter)
-    blocks.add_argument("--metadata", metavar="META_DEV", required=True,
-                        help="the dm-era metadata device (or a copy of it)")
-    blocks.add_argument("--since", type=_era, metavar="ERA", required=True,
-                        help="list blocks written in era ERA or later")
-    blocks.add_argument("--live", action="store_true",
-                        help="read the live superblock, and its current writeset, instead of "
-                             "the snapshot: only for a stopped target or a copy of its "
-                             "metadata")
-    blocks.set_defaults(func=cmd_blocks)
-
-    rollback = commands.add_parser(
-        "rollback", help="put a mirror back as it was before an apply --undo",
-        description="Restore DESTINATION byte for byte to its state before the apply that "
-                    "wrote UNDO_FILE, from a complete undo file or one cut short by a killed "
-                    "or crashed apply, and restore its recorded era.",
-        epilog=ROLLBACK_EPILOG, formatter_class=_RawHelpFormatter)
-    rollback.add_argument("undo_file", metavar="UNDO_FILE", help="written by apply --undo")
-    rollback.add_argument("destination", metavar="DESTINATION", help="the mirror")
-    rollback.add_argument("--state", metavar="FILE",
-                          help="the mirror's state file, if not DESTINATION.era")
-    rollback.add_argument("--force", action="store_true",
-                          help="roll back even if the undo file does not match the mirror "
-                               "(source, era, size, the apply its state records), or is cut "
-                               "short or damaged where it must be whole: what it holds intact "
-                               "is written back")
-    rollback.set_defaults(func=cmd_rollback)
-
-    info = commands.add_parser(
-        "info", help="describe and verify a stream without writing anything",
-        description="Print a stream's header, read it through and report its chunks, bytes "
-                    "and whether it is intact. Exit 1 if it is damaged or cut short.",
-        epilog=INFO_EPILOG, formatter_class=_RawHelpFormatter)
-    info.add_argument("-i", "--input", metavar="STREAM",
-                      help="read the stream from STREAM instead of standard input")
-    info.add_argument("mirror", metavar="MIRROR", nargs="?",
-                      help="show a mirror's size and chain state instead of a stream")
-    info.add_argument("--state", metavar="FILE",
-                      help="with MIRROR: its state file, if not MIRROR.era")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.set_defaults(func=cmd_info)
+    for add in (add_copy_parser, add_apply_parser, add_blocks_parser, add_rollback_parser,
+                add_info_parser):
+        add(commands)
     return parser
-
-
-def check_copy_args(parser, args):
-    """Cross-option checks of copy, in one place; usage errors exit 2."""
-    if args.metadata is None:
-        if args.block_size is None:
-            parser.error("copy needs BLOCK_SIZE (or --metadata, which knows it)")
-        if args.since is not None or args.live:
-            parser.error("--since and --live go with --metadata")
-    else:
-        if args.since is None:
-            parser.error("--metadata needs --since ERA")
-        if args.full or args.input is not None or args.since_era is not None:
-            parser.error("--metadata reads the block list itself: no --full, -i or --since-era")
-        if args.device is None and args.block_size is not None \
-                and not args.block_size.isdigit():
-            args.device, args.block_size = args.block_size, None   # copy --metadata M DEV
-    if args.block_size is not None:
-        try:
-            args.block_size = _block_size(args.block_size)
-        except argparse.ArgumentTypeError as exc:
-            parser.error("argument BLOCK_SIZE: %s" % exc)
-    if args.full and args.device is None:
-        parser.error("--full copies a device: give DEVICE")
-    if args.full and args.input is not None:
-        parser.error("--full copies the whole device and reads no block list: drop -i")
-    if args.json and args.device is not None:
-        parser.error("--json prints the estimate, which takes no DEVICE")
-    since = args.since if args.metadata is not None else args.since_era
-    if since is not None and args.era is not None and since > args.era:
-        parser.error("the list starts at era %d, later than --era %d" % (since, args.era))
 
 
 def _fill_closed_descriptors():
@@ -4108,12 +4150,18 @@ def _fill_closed_descriptors():
 
 
 def main(argv=None):
-    _fill_closed_descriptors()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "copy":
-        check_copy_args(parser, args)
+    """Run one command line; return its exit status (usage errors raise SystemExit(2)).
+
+    Every error ends here as one line on stderr: EraError and its kinds as
+    themselves, anything else as what it is, and a bug as an internal error,
+    with its traceback only when ERA_TOOL_DEBUG=1 asks for it.
+    """
     try:
+        _fill_closed_descriptors()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "check", None) is not None:
+            args.check(args)
         return args.func(args)
     except KeyboardInterrupt:
         err("\nera_tool: interrupted")
@@ -4126,7 +4174,8 @@ def main(argv=None):
         err("era_tool: error: %s" % shown(exc))
         return 1
     except BrokenPipeError:
-        err("era_tool: error: standard output was closed before everything was printed")
+        # One rule for every command: output that did not all arrive is a failure.
+        err("era_tool: error: %s" % STDOUT_CLOSED)
         return 1
     except OSError as exc:
         # Anything not caught closer to its cause still gets one line, not a traceback.
@@ -4139,8 +4188,8 @@ def main(argv=None):
         # A bug: one line all the same, and the traceback for a report when asked for.
         if os.environ.get("ERA_TOOL_DEBUG"):
             raise
-        err("era_tool: error: unexpected %s: %s (ERA_TOOL_DEBUG=1 shows where; please "
-            "report it)" % (type(exc).__name__, exc))
+        err("era_tool: internal error: %s: %s (ERA_TOOL_DEBUG=1 shows where; please "
+            "report it)" % (type(exc).__name__, shown(exc)))
         return 1
 
 
@@ -4169,6 +4218,9 @@ def exit_now(code):
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
+    except BrokenPipeError:
+        err("era_tool: error: %s" % STDOUT_CLOSED)
+        code = code or 1
     except OSError as exc:
         err("era_tool: error: cannot write to standard output: %s" % (exc.strerror or exc))
         code = code or 1

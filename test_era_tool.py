@@ -2823,6 +2823,114 @@ class TestHostileLists:
 
 
 # ---------------------------------------------------------------------------
+# The error funnel: every exception one line; one rule for a closed stdout
+# ---------------------------------------------------------------------------
+
+
+def run_with_closed_stdout(args, stdin=b""):
+    """Run era_tool.py with standard output a pipe whose reading end is closed already."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, TOOL] + list(args), input=stdin,
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+class TestErrorFunnel:
+    def test_a_bug_is_one_line(self, tmp_path, capsys, monkeypatch):
+        def broken(stream):
+            raise TypeError("a bug in the parser")
+        monkeypatch.setattr(era_tool, "parse_block_list", broken)
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 1)]))
+        code, out, err = run_main(["copy", "-i", xml, "8"], capsys)
+        assert code == 1 and out == ""
+        assert err == ("era_tool: internal error: TypeError: a bug in the parser "
+                       "(ERA_TOOL_DEBUG=1 shows where; please report it)\n")
+
+    def test_a_bug_while_parsing_the_command_line(self, capsys, monkeypatch):
+        def broken():
+            raise AttributeError("no such option")
+        monkeypatch.setattr(era_tool, "build_parser", broken)
+        code, out, err = run_main(["info"], capsys)
+        assert code == 1 and out == ""
+        assert err.startswith("era_tool: internal error: AttributeError: no such option")
+        assert err.count("\n") == 1
+
+    def test_debug_shows_the_traceback(self, tmp_path):
+        # A real process with a bug put in: without ERA_TOOL_DEBUG one line, with it the
+        # traceback.
+        program = ("import sys; sys.argv[0] = %r; sys.path.insert(0, %r); import era_tool\n"
+                   "def broken(args): raise ZeroDivisionError('boom')\n"
+                   "era_tool.cmd_info = broken\n"
+                   "sys.exit(era_tool.main(['info', '--json']))\n"
+                   % (TOOL, os.path.dirname(TOOL)))
+        plain = subprocess.run([sys.executable, "-c", program], stdin=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=dict(os.environ, ERA_TOOL_DEBUG=""))
+        assert plain.returncode == 1
+        assert plain.stderr.decode().splitlines() == [
+            "era_tool: internal error: ZeroDivisionError: boom (ERA_TOOL_DEBUG=1 shows where; "
+            "please report it)"]
+        debug = subprocess.run([sys.executable, "-c", program], stdin=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=dict(os.environ, ERA_TOOL_DEBUG="1"))
+        assert debug.returncode == 1
+        assert b"Traceback (most recent call last)" in debug.stderr
+        assert b"ZeroDivisionError: boom" in debug.stderr
+
+    def test_a_failed_apply_names_a_bug_as_one(self, tmp_path, capsys, monkeypatch):
+        # A bug midway through an apply still says what the mirror holds.
+        source = write(tmp_path / "dev", random_bytes(4 * BLOCK, 130))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 4)]))
+        mirror = write(tmp_path / "m", random_bytes(4 * BLOCK, 131))
+
+        def broken(self, offset, length, payload=None):
+            raise ValueError("a bug in the writer")
+        monkeypatch.setattr(era_tool.Destination, "put", broken)
+        code, _, err = run_main(["apply", "-i", stream, mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "internal error: ValueError: a bug in the writer",
+                              "no data was written")
+
+    def test_info_of_a_stream_and_a_mirror_is_a_usage_error(self, tmp_path):
+        source = write(tmp_path / "dev", random_bytes(2 * BLOCK, 132))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 2)]))
+        result = run_cli(["info", "-i", stream, source])
+        assert result.returncode == 2
+        assert result.stderr.decode().splitlines()[-1] == (
+            "era_tool info: error: info shows a stream (-i) or a mirror (MIRROR), not both")
+
+    def test_closed_stdout_is_one_rule_for_every_command(self, tmp_path):
+        source = write(tmp_path / "dev", random_bytes(64 * BLOCK, 133))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(0, 64)]))
+        mirror = str(tmp_path / "mirror")
+        assert era_tool.main(["apply", "-i", stream, mirror]) == 0
+        meta = build(tmp_path, 4000, 3, writesets=[(1, 4000, set(range(0, 4000, 2)))])
+        xml = blocks_xml([(0, 4)])
+        cases = [
+            (["info", "-i", stream], b""),
+            (["info", "--json", "-i", stream], b""),
+            (["info", mirror], b""),
+            (["info", "--json", mirror], b""),
+            (["copy", "8"], xml),
+            (["copy", "--json", "8"], xml),
+            (["blocks", "--live", "--metadata", meta, "--since", "0"], b""),
+            (["--version"], b""),
+            (["copy", "8", source], xml),
+        ]
+        for args, stdin in cases:
+            result = run_with_closed_stdout(args, stdin)
+            lines = result.stderr.decode().splitlines()
+            assert result.returncode == 1, (args, result.stderr)
+            expected = "era_tool: error: standard output was closed before everything was " \
+                       "printed"
+            if args == ["copy", "8", source]:
+                expected = "era_tool: error: standard output was closed before the stream " \
+                           "ended (did the receiving side fail?)"
+            assert lines == [expected], (args, lines)
+
+
+# ---------------------------------------------------------------------------
 # Real era_invalidate output (thin-provisioning-tools)
 # ---------------------------------------------------------------------------
 
@@ -3805,7 +3913,7 @@ FUZZ_CASES = 500                  # in-process, through era_tool.main
 FUZZ_CLI_CASES = 20               # the same commands as real processes
 FUZZ_CALL_LIMIT = 10              # seconds for one command (a hang fails the case)
 FUZZ_U16, FUZZ_U32, FUZZ_U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
-FUZZ_BUG = re.compile(r"unexpected [A-Za-z_][A-Za-z_0-9.]*: ")   # main's catch-all
+FUZZ_BUG = re.compile(r"internal error: [A-Za-z_][A-Za-z_0-9.]*: ")   # main's catch-all
 
 
 def fuzz_bytes(rng, size):
