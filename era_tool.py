@@ -70,6 +70,31 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
 The original era_copy stream ("legacy"): per range, b"ERARANGE", offset and
 length as signed 64-bit host-order integers, then the data.  No header, no
 checksum, no end marker.  apply reads both; copy --format legacy writes it.
+
+The parts of this file, in order (each a section headed by a comment box):
+
+    Constants                   sizes, limits, magic numbers, struct formats
+    Exceptions                  EraError and its kinds: one line, exit 1
+    Block list                  era_invalidate's XML into a RangeList
+    dm-era metadata             the changed blocks read from the metadata
+                                device itself: CRC-32C, checked block reads,
+                                superblock, btrees and arrays, writesets and
+                                the era array, read_changed_blocks()
+    Devices and files           BlockFile (the one place for O_DIRECT and
+                                offset I/O), Source, Destination, Output
+    Stream format               StreamHeader, Chunk, chunk_crc(), the writers
+    Stream readers              Input, StreamReader, LegacyReader
+    Mirror state                MirrorState: the state file, the chain
+                                guard, the mirror's lock
+    Undo                        UndoLog (written by apply --undo), UndoFile
+    Messages and progress       Progress, warn(), err(), shown(), say()
+    Engines                     read_ahead() and copy_device() for copy;
+                                write_chunks(), apply_stream() and
+                                roll_back() for apply and rollback
+    Command line (shared)       help formatting, argument types, --version
+    Commands                    per command: its parser part (add_*_parser),
+                                its cross-checks, its cmd_* screen
+    Command line                build_parser(), main(): the error funnel
 """
 
 import argparse
@@ -90,6 +115,21 @@ import time
 import zlib
 
 __version__ = "0.2.0"
+
+# What another program may import and call: the engines and the parts they
+# take.  The rest may change between versions.
+__all__ = [
+    "EraError", "BlockListError", "DeviceError", "ShortRead", "StreamError",
+    "TruncatedStream", "ChecksumMismatch", "MetadataError", "ChainError", "Interrupted",
+    "RangeList", "parse_block_list", "ChangedBlocks", "read_changed_blocks",
+    "iter_blocks_xml", "crc32c",
+    "BlockFile", "Source", "Destination", "Output",
+    "StreamHeader", "Chunk", "chunk_crc", "StreamWriter", "LegacyWriter",
+    "Input", "StreamReader", "LegacyReader",
+    "MirrorState", "UndoLog", "UndoFile",
+    "read_ahead", "copy_device", "write_chunks", "apply_stream", "roll_back",
+    "build_parser", "main",
+]
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -572,7 +612,7 @@ NO_SNAPSHOT_MESSAGE = ("no metadata snapshot is held: run 'dmsetup message DEV 0
                        "take_metadata_snap' first, or use --live")
 
 # ---------------------------------------------------------------------------
-# CRC-32C (Castagnoli)
+# dm-era metadata: CRC-32C (Castagnoli)
 # ---------------------------------------------------------------------------
 
 CRC32C_POLY = 0x82F63B78          # 0x1EDC6F41 bit-reversed
@@ -633,7 +673,7 @@ def block_checksum(block, seed):
 
 
 # ---------------------------------------------------------------------------
-# Reading metadata blocks
+# dm-era metadata: reading its blocks
 # ---------------------------------------------------------------------------
 
 
@@ -751,7 +791,7 @@ class _MetadataReader:
 
 
 # ---------------------------------------------------------------------------
-# Superblock
+# dm-era metadata: the superblock
 # ---------------------------------------------------------------------------
 
 
@@ -800,19 +840,13 @@ def _read_superblock(reader, location, what):
 
 
 # ---------------------------------------------------------------------------
-# Btrees and arrays
+# dm-era metadata: btrees and arrays
 # ---------------------------------------------------------------------------
 
 
-def _u64_array(data):
-    values = array.array(U64, bytes(data))
-    if BIG_ENDIAN_HOST:
-        values.byteswap()
-    return values
-
-
-def _u32_array(data):
-    values = array.array(U32, bytes(data))
+def _le_array(typecode, data):
+    """Little-endian integers (U32 or U64) of the metadata as an array."""
+    values = array.array(typecode, bytes(data))
     if BIG_ENDIAN_HOST:
         values.byteswap()
     return values
@@ -842,7 +876,7 @@ def _check_node(reader, blocknr, data, leaf_value_size, what):
                            % (nr_entries, max_entries), what)
     if flags == NODE_INTERNAL and nr_entries == 0:
         raise reader.error(blocknr, "internal node with no entries", what)
-    keys = _u64_array(memoryview(data)[NODE_HEADER.size:NODE_HEADER.size + 8 * nr_entries])
+    keys = _le_array(U64, memoryview(data)[NODE_HEADER.size:NODE_HEADER.size + 8 * nr_entries])
     return flags, keys, NODE_HEADER.size + 8 * max_entries, value_size
 
 
@@ -873,7 +907,7 @@ def _btree_entries(reader, root, value_size, what):
                                    % (key, index, previous, high), node_what)
             previous = key
         if flags == NODE_INTERNAL:
-            children = _u64_array(memoryview(data)[values_at:values_at + 8 * len(keys)])
+            children = _le_array(U64, memoryview(data)[values_at:values_at + 8 * len(keys)])
             limits = list(keys[1:]) + [high]
             for index in range(len(keys) - 1, -1, -1):
                 stack.append((children[index], depth + 1, keys[index], limits[index]))
@@ -930,7 +964,7 @@ def _array_blocks(reader, root, value_size, length, what):
 
 
 # ---------------------------------------------------------------------------
-# Writesets and the era array
+# dm-era metadata: writesets and the era array
 # ---------------------------------------------------------------------------
 
 
@@ -970,7 +1004,7 @@ def _era_array_runs(reader, sb, since_era, runs):
     what = "the era array"
     for first, values, blocknr in _array_blocks(reader, sb.era_array_root, ERA_SIZE,
                                                 sb.nr_blocks, what):
-        eras = _u32_array(values)
+        eras = _le_array(U32, values)
         newest = max(eras)
         if newest > sb.current_era:
             raise reader.error(blocknr, "data block %d has era %d, newer than the "
@@ -1033,7 +1067,7 @@ def _union_runs(first, second):
 
 
 # ---------------------------------------------------------------------------
-# The changed-block list
+# dm-era metadata: the changed-block list
 # ---------------------------------------------------------------------------
 
 
@@ -1783,7 +1817,7 @@ class Output:
 
 
 # ---------------------------------------------------------------------------
-# Stream writer
+# Stream format: header, chunks and the writers
 # ---------------------------------------------------------------------------
 
 
@@ -1896,9 +1930,10 @@ class StreamHeader:
         except UnicodeDecodeError:
             raise StreamError("header source id is not UTF-8") from None
         return cls(device_size, total_bytes, block_size, chunk_size,
-                   since_era if flags & FLAG_SINCE_ERA else None, era if flags & FLAG_ERA else None,
-                   bool(flags & FLAG_FULL), created, source_id, version, bool(flags & FLAG_UNDO),
-                   target_size, target_crc, previous_crc, raw=raw + CRC.pack(header_crc))
+                   since_era if flags & FLAG_SINCE_ERA else None,
+                   era if flags & FLAG_ERA else None, bool(flags & FLAG_FULL), created,
+                   source_id, version, bool(flags & FLAG_UNDO), target_size, target_crc,
+                   previous_crc, raw=raw + CRC.pack(header_crc))
 
     def as_dict(self):
         return {
@@ -2189,7 +2224,7 @@ class LegacyReader:
 
 
 # ---------------------------------------------------------------------------
-# Chain guard: the mirror's state file
+# Mirror state: the chain guard
 # ---------------------------------------------------------------------------
 
 
@@ -2801,7 +2836,7 @@ def check_undo_fits(header, dest, path):
 
 
 # ---------------------------------------------------------------------------
-# Progress
+# Messages and progress
 # ---------------------------------------------------------------------------
 
 
@@ -3546,7 +3581,7 @@ def roll_back(undo_file, destination, state=None, force=False):
 
 
 # ---------------------------------------------------------------------------
-# Command line: what every command's parser shares
+# Command line (shared): what every command's parser uses
 # ---------------------------------------------------------------------------
 
 

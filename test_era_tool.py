@@ -2930,6 +2930,46 @@ class TestErrorFunnel:
             assert lines == [expected], (args, lines)
 
 
+class TestPublicSurface:
+    def test_all_names_exist(self):
+        missing = [name for name in era_tool.__all__ if not hasattr(era_tool, name)]
+        assert missing == []
+        assert len(set(era_tool.__all__)) == len(era_tool.__all__)
+
+    def test_docstring_lists_the_sections_in_order(self):
+        doc = era_tool.__doc__
+        listed = doc[doc.index("The parts of this file"):].splitlines()[2:]
+        parts = [re.split(r"\s{2,}", line.strip())[0] for line in listed
+                 if line.startswith("    ") and not line.startswith("     ")]
+        with open(TOOL) as f:
+            titles = re.findall(r"^# -{75}\n# (.+)\n# -{75}$", f.read(), re.M)
+        seen = []
+        for title in titles:
+            owner = max((part for part in parts if title.startswith(part)), key=len,
+                        default=None)
+            assert owner is not None, "section %r is not in the docstring's list" % title
+            if not seen or seen[-1] != owner:
+                seen.append(owner)
+        assert seen == parts
+
+    def test_engines_without_the_command_line(self, tmp_path):
+        old = random_bytes(8 * BLOCK, 134)
+        source = write(tmp_path / "dev", changed_device(old, [(2, 5)], 135))
+        stream = write(tmp_path / "s", make_stream(tmp_path, source, [(2, 5)]))
+        mirror = write(tmp_path / "m", old)
+        undo = str(tmp_path / "m.undo")
+        assert era_tool.apply_stream(stream, mirror, undo=undo) is None
+        assert read(mirror) == read(source)
+        restored = era_tool.roll_back(undo, mirror)
+        assert restored.complete and len(restored.chunks) == 1
+        assert read(mirror) == old
+        with pytest.raises(era_tool.StreamError, match="checksum mismatch"):
+            damaged = bytearray(read(stream))
+            damaged[-40] ^= 1
+            era_tool.apply_stream(write(tmp_path / "bad", bytes(damaged)), mirror)
+        assert read(mirror) == old
+
+
 # ---------------------------------------------------------------------------
 # Real era_invalidate output (thin-provisioning-tools)
 # ---------------------------------------------------------------------------
