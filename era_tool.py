@@ -1383,7 +1383,7 @@ class BlockFile:
         With O_DIRECT, a length that is not a multiple of DIRECT_ALIGN is read
         rounded up when `buffer` has room (the device ends within that block:
         the read comes back short there), so the tail too bypasses the cache.
-        Raises DeviceError("... ended at offset N ...") when the file is shorter.
+        Raises ShortRead (a DeviceError) when the file ends first.
         """
         view = memoryview(buffer)
         want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
