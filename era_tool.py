@@ -3515,8 +3515,9 @@ def restore_from_undo(dest, undo):
     """Write an undo file's chunks back, newest first, then the old size."""
     header = undo.header
     # Read into aligned buffers: the old content goes back with O_DIRECT where it
-    # fits, as apply writes it, not through the page cache.
-    pool = BufferPool(READ_AHEAD, header.chunk_size)
+    # fits, as apply writes it, not through the page cache. Two, as apply from a
+    # file has: one written while the next is read.
+    pool = BufferPool(2, header.chunk_size)
     write_chunks(dest, undo.newest_first(pool.take),
                  lambda chunk: pool.give(chunk.payload.obj), Progress(False, ""))
     # The file's own size, not dest.size: a killed apply's writes may have grown it.
