@@ -1321,11 +1321,22 @@ class TestCommandLine:
         assert result.returncode == 0
         assert result.stdout.startswith(b"era_tool " + era_tool.__version__.encode())
 
+    COMMANDS = ("copy", "apply", "blocks", "rollback", "info")
+
     def test_help_lists_commands(self):
         result = run_cli(["--help"])
-        assert result.returncode == 0
-        for command in (b"copy", b"apply", b"info"):
-            assert command in result.stdout
+        assert result.returncode == 0, result.stderr
+        text = result.stdout.decode()
+        # Each command on a line of its own in the list of commands, with its summary.
+        listed = re.findall(r"(?m)^ +([a-z]+) {2,}\S", text)
+        assert set(self.COMMANDS) <= set(listed), text
+
+    @pytest.mark.parametrize("command", COMMANDS)
+    def test_each_command_has_its_own_help(self, command):
+        result = run_cli([command, "--help"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().startswith("usage: era_tool %s " % command), \
+            result.stdout
 
     @pytest.mark.parametrize("command", ["copy", "apply", "info"])
     def test_command_help_has_examples(self, command):
