@@ -8,6 +8,7 @@ Tests that need a real dm-era kernel are at the end and skip elsewhere.
 """
 
 import argparse
+import ast
 import errno
 import fcntl
 import json
@@ -1398,14 +1399,32 @@ class TestCommandLine:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert result.returncode == 0, result.stdout.decode()
 
+    # What era_tool.py imports, for interpreters without sys.stdlib_module_names (< 3.10).
+    STDLIB_USED = frozenset((
+        "argparse", "array", "errno", "fcntl", "functools", "hashlib", "heapq", "io",
+        "itertools", "json", "mmap", "os", "queue", "re", "signal", "stat", "struct", "sys",
+        "threading", "time", "xml", "zlib"))
+
     def test_stdlib_only(self):
+        # Every import statement, at the top or inside a function or a class.
         with open(TOOL) as f:
-            source = f.read()
-        imports = {line.split()[1].split(".")[0] for line in source.splitlines()
-                   if line.startswith(("import ", "from "))}
-        assert imports <= set(sys.stdlib_module_names) if hasattr(sys, "stdlib_module_names") \
-            else True
-        assert "era_tool" not in imports
+            tree = ast.parse(f.read(), TOOL)
+        imports = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, "line %d: a relative import" % node.lineno
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                imports.setdefault(name.split(".")[0], node.lineno)
+        assert imports, "no imports found"
+        stdlib = set(getattr(sys, "stdlib_module_names", self.STDLIB_USED))
+        stdlib.discard("era_tool")
+        outside = {name: line for name, line in imports.items() if name not in stdlib}
+        assert not outside, "not in the standard library (module: line): %s" % outside
 
 
 # ---------------------------------------------------------------------------
