@@ -2900,17 +2900,28 @@ class TestRealEraInvalidate:
         listing = subprocess.run(["era_invalidate", "--written-since", str(since), meta],
                                  stdout=subprocess.PIPE, check=True).stdout
         changed = self.expected(nr_blocks, era_array, writesets, since)
+        # Every block of the device differs from the mirror's, listed or not: the blocks not
+        # listed must not travel, and stay as they were in the mirror.
         old = random_bytes(nr_blocks * BLOCK, 32)
-        new = changed_device(old, [(b, b + 1) for b in changed], 33)
-        # Blocks that changed on the device but are not listed must not travel.
-        new = bytearray(new)
-        source = write(tmp_path / "dev", bytes(new))
+        new = random_bytes(nr_blocks * BLOCK, 33)
+        source = write(tmp_path / "dev", new)
         mirror = write(tmp_path / "m", old)
         copy = run_cli(["copy", "8", source], stdin=listing)
         assert copy.returncode == 0, copy.stderr
+        # The stream holds the listed blocks and nothing else: a chunk per run of them.
+        info = run_cli(["info", "--json"], stdin=copy.stdout)
+        assert info.returncode == 0, info.stderr
+        info = json.loads(info.stdout)
+        assert info["intact"] is True
+        assert info["data_bytes"] + info["zero_bytes"] == info["total_bytes"] \
+            == len(changed) * BLOCK, (info, len(changed))
+        assert info["chunks"] == len(ranges_of(changed)), info
         apply = run_cli(["apply", mirror], stdin=copy.stdout)
         assert apply.returncode == 0, apply.stderr
-        assert read(mirror) == bytes(new)
+        expected = bytearray(old)
+        for b in changed:
+            expected[b * BLOCK:(b + 1) * BLOCK] = blocks_of(new, b)
+        assert read(mirror) == bytes(expected)
         estimate = run_cli(["copy", "--json", "8"], stdin=listing)
         assert json.loads(estimate.stdout)["blocks"] == len(changed)
 
