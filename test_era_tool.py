@@ -706,13 +706,33 @@ class TestLegacy:
         assert_one_line_error(err, "ends")
 
     def test_empty_needs_allow_empty(self, tmp_path, capsys):
-        stream = write(tmp_path / "s", b"")
-        mirror = tmp_path / "m"
-        code, _, err = run_main(["apply", "-i", stream, str(mirror)], capsys)
-        assert code == 1
-        assert_one_line_error(err, "empty", "--allow-empty")
-        assert not mirror.exists()
-        code, _, err = run_main(["apply", "--allow-empty", "-i", stream, str(mirror)], capsys)
+        stream = write(tmp_path / "empty", b"")
+        # A mirror with a recorded era, and a name where there is none yet.
+        source = write(tmp_path / "dev", random_bytes(8 * BLOCK, 96))
+        full = write(tmp_path / "full", make_stream(tmp_path, source, [(0, 8)], "--era", "4",
+                                                    "--source-id", "db1:data", name="full"))
+        mirror = str(tmp_path / "mirrors" / "m")
+        os.mkdir(os.path.dirname(mirror))
+        assert run_main(["apply", "-i", full, mirror], capsys)[0] == 0
+        absent = str(tmp_path / "mirrors" / "new")
+
+        def snapshot():
+            folder = os.path.dirname(mirror)
+            return {name: (read(os.path.join(folder, name)),
+                           os.stat(os.path.join(folder, name)).st_mtime_ns)
+                    for name in sorted(os.listdir(folder))}
+        before = snapshot()
+        assert sorted(before) == ["m", "m.era"] and before["m"][0] == read(source)
+        for destination in (mirror, absent):
+            code, _, err = run_main(["apply", "-i", stream, destination], capsys)
+            assert code == 1
+            assert_one_line_error(err, "empty", "--allow-empty")
+            assert snapshot() == before, destination
+        # With --allow-empty: no changes, and the mirror and its state stay as they were.
+        code, _, err = run_main(["apply", "--allow-empty", "-i", stream, mirror], capsys)
+        assert code == 0 and err == ""
+        assert snapshot() == before
+        code, _, err = run_main(["apply", "--allow-empty", "-i", stream, absent], capsys)
         assert code == 0 and err == ""
 
     def test_info_on_legacy(self, tmp_path, capsys):
