@@ -3739,10 +3739,51 @@ def test_random_damage_with_fixed_checksums(damaged):
 # ---------------------------------------------------------------------------
 
 
-def test_direct_reads_give_the_same_answer(tmp_path):
+def test_direct_reads_give_the_same_answer(tmp_path, monkeypatch):
+    if _refuses_direct(str(tmp_path)):
+        pytest.skip("the filesystem of %s refuses O_DIRECT: nothing to compare" % tmp_path)
     path = build(tmp_path, 5000, 9, [(4, 5000, {5, 4000})], [(b, 6) for b in range(100)])
+    # Seen at the system calls: each open of the metadata file and its flags, and the reads
+    # through its descriptors, counted by whether the descriptor has O_DIRECT.
+    opened = []
+    descriptors = {}                # fd -> opened with O_DIRECT
+    reads = {True: 0, False: 0}
+    real_open, real_close = os.open, os.close
+    metadata = os.stat(path)
+
+    def recording_open(name, flags, *rest):
+        fd = real_open(name, flags, *rest)
+        if os.path.samestat(os.fstat(fd), metadata):
+            opened.append(flags)
+            descriptors[fd] = bool(flags & os.O_DIRECT)
+        return fd
+
+    def recording_close(fd):
+        descriptors.pop(fd, None)
+        return real_close(fd)
+
+    def counting(real):
+        def read(fd, *args):
+            if fd in descriptors:
+                reads[descriptors[fd]] += 1
+            return real(fd, *args)
+        return read
+    monkeypatch.setattr(era_tool.os, "open", recording_open)
+    monkeypatch.setattr(era_tool.os, "close", recording_close)
+    for name in ("read", "readv", "pread", "preadv"):
+        monkeypatch.setattr(era_tool.os, name, counting(getattr(os, name)))
+
     buffered = era_tool.read_changed_blocks(path, 4, snapshot=False, direct=False)
+    assert opened and not any(flags & os.O_DIRECT for flags in opened), opened
+    blocks_read = reads[False]
+    assert blocks_read > 1 and reads[True] == 0, reads
+    del opened[:]
+    reads.update({True: 0, False: 0})
     direct = era_tool.read_changed_blocks(path, 4, snapshot=False, direct=True)
+    assert any(flags & os.O_DIRECT for flags in opened), opened
+    # Every block the answer needs was read with O_DIRECT, none through the page cache.
+    assert reads[True] >= blocks_read and reads[False] == 0, (reads, blocks_read)
+    assert not descriptors, "descriptors left open: %s" % descriptors
     assert list(direct) == list(buffered) == [(0, 100), (4000, 4001)]
 
 
