@@ -23,6 +23,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -1397,7 +1398,8 @@ class TestCommandLine:
                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdin.write(era_tool.MAGIC[:4])
         proc.stdin.flush()
-        time.sleep(1.0)
+        # Read: apply is running and waits on the pipe for the rest of the header.
+        wait_until(lambda: pipe_unread(proc.stdin) == 0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130
@@ -1935,6 +1937,11 @@ def wait_until(predicate, seconds=20):
         time.sleep(0.02)
 
 
+def pipe_unread(pipe):
+    """The bytes written to a pipe that its reader has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, bytes(4)))[0]
+
+
 def holds_lock(path):
     """Whether some process holds an flock on `path`."""
     with open(path, "rb") as f:
@@ -2394,7 +2401,8 @@ class TestUndoBelongs:
         proc.stdin.write(full[:len(full) // 2])
         proc.stdin.flush()
         wait_until(lambda: os.path.exists(undo) and os.path.getsize(undo) > 0)
-        time.sleep(0.3)
+        # All it was given is read: it waits for the rest of the stream.
+        wait_until(lambda: pipe_unread(proc.stdin) == 0)
         proc.kill()
         proc.communicate()
         result = run_cli(["rollback", undo, mirror])
@@ -2539,11 +2547,12 @@ class TestProvenGrowth:
         # Killed before the trailer: the mirror is no larger than what was written.
         mirror = write(tmp_path / "m.img", bytes(BLOCK))
         header = era_tool.StreamHeader(1 << 30, BLOCK, BLOCK_SECTORS)
-        stream = craft_stream(header, [(0, random_bytes(BLOCK, 215))], trailer=False)
+        payload = random_bytes(BLOCK, 215)
+        stream = craft_stream(header, [(0, payload)], trailer=False)
         proc = tool_process(["apply", mirror])
         proc.stdin.write(stream)
         proc.stdin.flush()
-        time.sleep(1)
+        wait_until(lambda: read(mirror) == payload)  # the chunk applied, no trailer yet
         proc.kill()
         proc.communicate()
         assert os.path.getsize(mirror) <= BLOCK
@@ -2791,7 +2800,7 @@ class TestInterrupts:
         proc.stdin.write(case.stream[:len(case.stream) * 2 // 3])
         proc.stdin.flush()
         wait_until(lambda: os.path.exists(case.undo) and os.path.getsize(case.undo) > 0)
-        time.sleep(0.3)
+        wait_until(lambda: pipe_unread(proc.stdin) == 0)     # it waits for the rest
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
@@ -2805,7 +2814,7 @@ class TestInterrupts:
         proc = tool_process(["apply", case.mirror])
         proc.stdin.write(case.stream[:len(case.stream) * 2 // 3])
         proc.stdin.flush()
-        time.sleep(1)
+        wait_until(lambda: read(case.mirror) != case.old)    # partly written
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130
@@ -5124,7 +5133,10 @@ class TestDmEraBackupScript:
     def test_runs_mirror_is_consistent_then_identical(self, rig):
         writer = rig.dm.popen([sys.executable, "-c", WRITER, rig.mnt, rig.stop],
                               stdout=subprocess.PIPE)
-        time.sleep(2)
+        # Some files complete before the first run, so that the mirror has some to check.
+        wait_until(lambda: writer.poll() is not None
+                   or os.path.exists(os.path.join(rig.mnt, "f1")), 300)
+        assert writer.poll() is None, "the writer ended"
         first = rig.run()
         assert first.returncode == 0, first.stderr
         assert "first backup, full copy" in first.stderr
