@@ -3073,21 +3073,28 @@ class ChunkWriter:
         self.release = release
         self.queue = queue.Queue()
         self.error = None
+        # Set by the thread itself as it ends.  close() waits on this, not on
+        # join() alone: on CPython 3.9.8 to 3.12 a join() interrupted by a signal
+        # can mark a live thread as ended, and the next join() returns at once.
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name="era_tool writer", daemon=True)
         self.thread.start()
 
     def _run(self):
-        while True:
-            chunk = self.queue.get()
-            if chunk is None:
-                return
-            if self.error is None:
-                try:
-                    self.dest.put(chunk.offset, chunk.length, chunk.payload)
-                except BaseException as exc:   # raised in the main thread
-                    self.error = exc
-            if chunk.payload is not None:
-                self.release(chunk)
+        try:
+            while True:
+                chunk = self.queue.get()
+                if chunk is None:
+                    return
+                if self.error is None:
+                    try:
+                        self.dest.put(chunk.offset, chunk.length, chunk.payload)
+                    except BaseException as exc:   # raised in the main thread
+                        self.error = exc
+                if chunk.payload is not None:
+                    self.release(chunk)
+        finally:
+            self.finished.set()
 
     def put(self, chunk):
         if self.error is not None:
@@ -3095,17 +3102,25 @@ class ChunkWriter:
         self.queue.put(chunk)
 
     def close(self):
-        """Wait for every queued write; then raise the first write error, if any."""
-        self.queue.put(None)
+        """Wait for every queued write; then raise the first write error, if any.
+
+        A signal while it waits does not cut the wait short (nothing may touch
+        the mirror, by a roll back or a truncate, while this thread writes); it
+        is raised once the writes are done, unless a write error comes first.
+        """
+        interrupted = None
         while True:
             try:
-                # Nothing may touch the mirror (a roll back, a truncate) while this writes.
-                self.thread.join()
+                self.queue.put(None)      # again after a signal: the thread stops at the first
+                self.finished.wait()
                 break
-            except KeyboardInterrupt:
-                continue
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        self.thread.join()
         if self.error is not None:
             raise self.error
+        if interrupted is not None:
+            raise interrupted
 
 
 def write_chunks(dest, chunks, release, progress, before_writing=None):
@@ -3126,14 +3141,15 @@ def write_chunks(dest, chunks, release, progress, before_writing=None):
             writer.put(chunk)
             done += chunk.length
             progress.update(done)
+        writer.close()
     except BaseException as exc:
+        # Waits again: a signal may have come before close() began to wait.
         try:
             writer.close()          # an earlier write error is the one to report
         except BaseException:
             if not isinstance(exc, KeyboardInterrupt):
                 raise
         raise
-    writer.close()
     return done
 
 
