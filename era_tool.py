@@ -209,9 +209,13 @@ class BlockListError(EraError):
 
 
 class DeviceError(EraError):
-    """A source or destination cannot be used or fails; strerror: the system's word, if any."""
+    """A source or destination cannot be used or fails; strerror: the system's word, if any.
+
+    written: of a failed write, the bytes written before it failed.
+    """
 
     strerror = None
+    written = 0
 
 
 class ShortRead(DeviceError):
@@ -1276,15 +1280,19 @@ def refuse_same_files(inputs, outputs):
         seen.append((label, identity))
 
 
-if hasattr(os, "preadv"):
-    def _pread_into(fd, view, offset):
-        """Read into `view` at `offset`; return the count (short only at the end)."""
+# An O_DIRECT read needs the caller's aligned memory: os.preadv (3.7+).  Python
+# 3.6 reads into a bytes object of its own, which O_DIRECT refuses, so there a
+# BlockFile reads through its ordinary descriptor (and still writes O_DIRECT).
+DIRECT_READS = hasattr(os, "preadv")
+
+
+def _pread_into(fd, view, offset):
+    """Read into `view` at `offset`; return the count (short only at the end)."""
+    if DIRECT_READS:
         return os.preadv(fd, [view], offset)
-else:                                 # Python 3.6: through a bytes object
-    def _pread_into(fd, view, offset):
-        data = os.pread(fd, len(view), offset)
-        view[:len(data)] = data
-        return len(data)
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
 
 
 class BlockFile:
@@ -1300,6 +1308,8 @@ class BlockFile:
     on; `warn`, if given, is told once, and with `stale` the page cache is
     dropped first, because it can hold data older than the disk (a block
     device written below its cache by a mounted filesystem or by dm-era).
+    Without os.preadv (Python 3.6) reads take the ordinary descriptor, the
+    cache dropped at open where it may be stale; writes stay O_DIRECT.
     """
 
     def __init__(self, path, flags=os.O_RDONLY, what="", direct=False, stale=False,
@@ -1320,8 +1330,8 @@ class BlockFile:
         try:
             if direct:
                 self._open_direct(flags, nofollow)
-            elif stale:
-                self._drop_cache()
+            if stale and (not direct or self.direct_fd is not None and not DIRECT_READS):
+                self._drop_cache()    # reads go through the cache: nothing old in it
         except BaseException:
             os.close(fd)
             raise
@@ -1330,10 +1340,14 @@ class BlockFile:
         # Opened again by name, never with O_CREAT or O_EXCL (the first open made
         # or claimed the file).
         access = flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR)
+        if not hasattr(os, "O_DIRECT"):
+            self.warn = None          # not this system's way: nothing to tell
+            self._give_up_direct(None)
+            return
         try:
             fd = os.open(self.path, access | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
                          | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
-        except (OSError, AttributeError):   # EINVAL (tmpfs), or no O_DIRECT at all
+        except OSError:               # EINVAL: tmpfs, some FUSE and network filesystems
             self._give_up_direct(None)
             return
         again = os.fstat(fd)
@@ -1354,8 +1368,9 @@ class BlockFile:
                 self._refused.append(self.direct_fd)
                 self.direct_fd = None
             if self.warn is not None:
-                self.warn("%s does not accept O_DIRECT; going through the page cache%s"
-                          % (self.path, ", dropped first" if self.stale else ""))
+                self.warn("%s does not accept O_DIRECT; %s through the page cache%s"
+                          % (self.path, "reading" if self.stale else "going",
+                             ", dropped first" if self.stale else ""))
                 self.warn = None
             if self.stale:
                 self._drop_cache()
@@ -1387,7 +1402,9 @@ class BlockFile:
         """
         view = memoryview(buffer)
         want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
-        fd = self._direct_for(offset, want if want <= len(view) else length)
+        fd = None
+        if DIRECT_READS:
+            fd = self._direct_for(offset, want if want <= len(view) else length)
         if fd is None:
             fd, want = self.fd, length
         done = 0
@@ -1412,7 +1429,10 @@ class BlockFile:
         return view[:length]
 
     def write(self, offset, data):
-        """Write all of `data` at `offset`; return the bytes written (len(data))."""
+        """Write all of `data` at `offset`; return the bytes written (len(data)).
+
+        A DeviceError raised says in `written` how much of `data` was written before.
+        """
         view = memoryview(data).cast("B")
         fd = self._direct_for(offset, len(view))
         if fd is None:
@@ -1426,8 +1446,9 @@ class BlockFile:
                     self._give_up_direct(fd)
                     fd = self.fd
                     continue
-                raise _os_error(exc, "write error at offset %d of %s"
-                                % (offset, self.path)) from None
+                error = _os_error(exc, "write error at offset %d of %s" % (offset, self.path))
+                error.written = total - len(view)
+                raise error from None
             view = view[done:]
             offset += done
         return total
@@ -1600,9 +1621,9 @@ class Destination:
         """The current content of a region (for the undo file), read into aligned `buffer`."""
         try:
             return self.file.read(offset, length, buffer)
-        except ShortRead:
+        except ShortRead as exc:
             raise DeviceError("%s ended at offset %d while saving its old content"
-                              % (self.path, offset + length)) from None
+                              % (self.path, offset + exc.got)) from None
 
     def put(self, offset, length, payload=None):
         """Write one chunk: `payload` (a view of aligned memory), or zeros when None.
@@ -1612,7 +1633,14 @@ class Destination:
         if payload is None:
             self._put_zeros(offset, length)
         else:
-            self.written += self.file.write(offset, payload)
+            self._write(offset, payload)
+
+    def _write(self, offset, data):
+        try:
+            self.written += self.file.write(offset, data)
+        except DeviceError as exc:
+            self.written += exc.written     # said in the message
+            raise
 
     def _put_zeros(self, offset, length):
         # A file grown by this apply already reads as zeros there.
@@ -1623,7 +1651,7 @@ class Destination:
                 piece = min(stop - start, CHUNK_SIZE)
                 if self.zeros is None or len(self.zeros) < piece:
                     self.zeros = memoryview(aligned_buffer(CHUNK_SIZE))
-                self.written += self.file.write(start, self.zeros[:piece])
+                self._write(start, self.zeros[:piece])
                 start += piece
 
     def _data_in(self, start, stop):
@@ -1751,7 +1779,7 @@ class Output:
         except BrokenPipeError:
             raise EraError("%s was closed before the stream ended "
                            "(did the receiving side fail?)" % self.name) from None
-        except OSError as exc:
+        except (OSError, DeviceError) as exc:     # DeviceError: from the O_DIRECT file
             raise _os_error(exc, "cannot write to %s" % self.name) from None
 
     def _add(self, view):
@@ -1784,7 +1812,7 @@ class Output:
                 # and kept staged.
                 self.file.write(self.base, self.staged[:self.fill])
             os.fsync(self.fd)
-        except OSError as exc:
+        except (OSError, DeviceError) as exc:
             raise _os_error(exc, "cannot sync %s" % self.name) from None
 
     def finish(self):
@@ -2784,6 +2812,8 @@ class UndoFile:
                 payload = self.file.read(chunk.position, chunk.length, take_buffer())
             except ShortRead:
                 payload = None
+            except DeviceError as exc:
+                raise _os_error(exc, "cannot read %s" % self.path) from None
             fields = CHUNK_FIELDS.pack(chunk.tag, chunk.seq, chunk.offset, chunk.length)
             if payload is None or chunk_crc(self.header.crc, fields, payload) != chunk.crc:
                 raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
@@ -3162,16 +3192,23 @@ def _saved_first(reader, undo, free):
     chunk: 512-byte chunks made 65536 mappings, past the kernel's limit).
     """
     pending = []              # chunks whose old content is saved but not yet synced
+    held = 0                  # slots that pending chunks hold
     for chunk in reader:
         undo.save(chunk.offset, chunk.length)
         if chunk.payload is not None:
             slot = free.try_take()
-            if slot is None:
+            if slot is None and held == len(free.taken):
+                # Every slot waits here: the batch is full.  (While the writer
+                # holds some, wait for it instead: a sync per slot it gives back
+                # made one sync per chunk onto a slow mirror.)
                 undo.sync()
                 for ready in pending:
                     yield ready
                 del pending[:]
+                held = 0
+            if slot is None:
                 slot = free.take()    # the writer gives one back soon
+            held += 1
             slot[:chunk.length] = chunk.payload
             chunk = chunk._replace(payload=slot[:chunk.length])
         pending.append(chunk)

@@ -620,6 +620,37 @@ class TestBufferedFallback:
         assert era_tool.main(["apply", "-i", write(tmp_path / "s", stream), str(mirror)]) == 0
         assert read(mirror) == device
 
+    def test_without_preadv_reads_go_through_the_dropped_cache(self, tmp_path, capsys,
+                                                               monkeypatch):
+        # Python 3.6 has no os.preadv: reads take the ordinary descriptor (the
+        # page cache dropped at open where it may be stale), writes stay O_DIRECT,
+        # and nobody is warned of a refusal that never happened.
+        if _refuses_direct(str(tmp_path)):
+            pytest.skip("%s refuses O_DIRECT" % tmp_path)
+        monkeypatch.setattr(era_tool, "DIRECT_READS", False)
+        real_fadvise, advice = os.posix_fadvise, []
+        monkeypatch.setattr(era_tool.os, "posix_fadvise",
+                            lambda fd, o, n, a: (advice.append(a), real_fadvise(fd, o, n, a)))
+        case = UndoCase(tmp_path)
+        _, err = capsys.readouterr()
+        assert "O_DIRECT" not in err
+        assert advice == [os.POSIX_FADV_DONTNEED]          # the source, at open
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert read(case.mirror) == case.new
+        assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
+        assert read(case.mirror) == case.old
+        _, err = capsys.readouterr()
+        assert "O_DIRECT" not in err
+        block_file = era_tool.BlockFile(case.mirror, os.O_RDWR, direct=True)
+        try:
+            data = memoryview(era_tool.aligned_buffer(2 * BLOCK))
+            assert bytes(block_file.read(0, 2 * BLOCK, data)) == case.old[:2 * BLOCK]
+            block_file.write(0, data)
+            assert block_file.direct_fd is not None
+        finally:
+            block_file.close()
+
 
 def _refuses_direct(directory):
     path = os.path.join(directory, ".era_tool_direct_probe_%d" % os.getpid())
@@ -1027,6 +1058,24 @@ class TestApply:
         assert_one_line_error(result.stderr.decode(), "File too large",
                               "created by this apply, is removed")
         assert not mirror.exists()
+
+    def test_a_write_that_failed_midway_counts(self, tmp_path, capsys, monkeypatch):
+        # Half of the first chunk reached the mirror: it is not "no data was written".
+        case = UndoCase(tmp_path)
+        real_pwrite, calls = os.pwrite, []
+
+        def half_then_fail(fd, data, offset):
+            if os.readlink("/proc/self/fd/%d" % fd) != case.mirror:
+                return real_pwrite(fd, data, offset)
+            calls.append(offset)
+            if len(calls) > 1:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwrite(fd, memoryview(data)[:BLOCK], offset)
+        monkeypatch.setattr(era_tool.os, "pwrite", half_then_fail)
+        code, _, err = run_main(["apply", "-i", case.stream_path, case.mirror], capsys)
+        assert code == 1 and len(calls) == 2
+        assert_one_line_error(err, "Input/output error", "%d bytes were written before it"
+                              % BLOCK, "partially updated")
 
     def test_disk_full(self, tmp_path, capsys, small_filesystem):
         mountpoint = small_filesystem("64k")
@@ -1810,6 +1859,38 @@ class TestUndoFileWrites:
         assert calls.count(direct_fd) == 3 and out.direct_fd is None
         assert read(path) == data
 
+    @pytest.mark.parametrize("direct", [True, False])
+    def test_undo_write_error_names_the_undo_file(self, direct_dir, monkeypatch, capsys,
+                                                  direct):
+        # The same words whether the staged O_DIRECT write or the ordinary one failed.
+        case = UndoCase(direct_dir)
+        if not direct:
+            refuse_direct_open(monkeypatch)
+        real_pwrite, real_write = os.pwrite, os.write
+
+        def is_undo(fd):
+            return os.readlink("/proc/self/fd/%d" % fd) == case.undo
+
+        def full_pwrite(fd, data, offset):
+            if is_undo(fd):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        def full_write(fd, data):
+            if is_undo(fd):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+        monkeypatch.setattr(era_tool.os, "pwrite", full_pwrite)
+        monkeypatch.setattr(era_tool.os, "write", full_write)
+        code, _, err = run_main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "No space left on device")
+        # The first write to disk may be the sync's (the header is staged until then).
+        assert re.search(r"cannot (write to|sync) undo file %s: No space left on device"
+                         % re.escape(case.undo), err), err
+        assert read(case.mirror) == case.old and case.era() == 5
+
     def test_direct_open_refused(self, direct_dir, monkeypatch):
         refuse_direct_open(monkeypatch)
         case = UndoCase(direct_dir)
@@ -1818,6 +1899,32 @@ class TestUndoFileWrites:
         monkeypatch.undo()
         assert era_tool.main(["rollback", case.undo, case.mirror]) == 0
         assert read(case.mirror) == case.old
+
+    @pytest.mark.parametrize("slow_mirror", [False, True])
+    def test_undo_file_synced_once_per_batch(self, tmp_path, monkeypatch, small_chunks,
+                                             slow_mirror):
+        # 64 one-block chunks, batches of 8: 8 syncs and the last one, whether
+        # the mirror keeps up or not (a slow one once made a sync per chunk).
+        monkeypatch.setattr(era_tool, "UNDO_BATCH", 8 * BLOCK)
+        case = UndoCase(tmp_path, blocks=64)
+        case.ranges = [(0, 64)]
+        case.new = random_bytes(64 * BLOCK, 61)
+        write(case.source, case.new)
+        write(case.stream_path, make_stream(tmp_path, case.source, case.ranges, "--since-era",
+                                            "5", "--era", "9", "--source-id", "web1:root"))
+        syncs = []
+        real_sync, real_put = era_tool.UndoLog.sync, era_tool.Destination.put
+        monkeypatch.setattr(era_tool.UndoLog, "sync",
+                            lambda self: (syncs.append(1), real_sync(self))[1])
+        if slow_mirror:
+            def slow_put(self, *args):
+                time.sleep(0.005)
+                return real_put(self, *args)
+            monkeypatch.setattr(era_tool.Destination, "put", slow_put)
+        assert era_tool.main(["apply", "--undo", case.undo, "-i", case.stream_path,
+                              case.mirror]) == 0
+        assert read(case.mirror) == case.new
+        assert 8 <= len(syncs) <= 10, len(syncs)
 
 
 class TestBackupSettings:
