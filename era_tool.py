@@ -335,6 +335,7 @@ class _BlockListTarget:
         runs = self.runs
         depth = 0
         last_end = -1
+        ascii_only = _isascii         # a local: looked up close to a million times
 
         def start(tag, attrib):
             nonlocal depth, last_end
@@ -343,7 +344,7 @@ class _BlockListTarget:
             if depth == 2:
                 if tag == "block" and len(attrib) == 1:
                     text = attrib.get("block")
-                    if text is not None and text.isdigit() and text.isascii() and \
+                    if text is not None and text.isdigit() and ascii_only(text) and \
                             len(text) <= MAX_NUMBER_DIGITS:
                         begin = int(text)
                         end = begin + 1
@@ -351,7 +352,7 @@ class _BlockListTarget:
                     first = attrib.get("begin")
                     last = attrib.get("end")
                     if first is not None and last is not None and first.isdigit() and \
-                            last.isdigit() and first.isascii() and last.isascii() and \
+                            last.isdigit() and ascii_only(first) and ascii_only(last) and \
                             len(first) <= MAX_NUMBER_DIGITS and len(last) <= MAX_NUMBER_DIGITS:
                         begin = int(first)
                         end = int(last)
@@ -438,6 +439,18 @@ class _BlockListTarget:
         return RangeList.from_sorted_runs(runs)
 
 
+def _ascii_only(text):
+    """str.isascii() of Python 3.7+, for 3.6."""
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_isascii = getattr(str, "isascii", _ascii_only)
+
+
 def _describe(tag, attrib):
     """An element as a message shows it: each name and value cut to 40 characters."""
     def short(text):
@@ -449,7 +462,7 @@ def _describe(tag, attrib):
 
 def _block_number(tag, attrib, name):
     text = attrib[name].strip()
-    if text.isascii():
+    if _isascii(text):
         if text.isdigit():
             text = text.lstrip("0") or "0"
             if len(text) > MAX_NUMBER_DIGITS:
@@ -1289,7 +1302,7 @@ DIRECT_READS = hasattr(os, "preadv")
 def _pread_into(fd, view, offset):
     """Read into `view` at `offset`; return the count (short only at the end)."""
     if DIRECT_READS:
-        return os.preadv(fd, [view], offset)
+        return os.preadv(fd, [view], offset)  # novermin: only where it exists
     data = os.pread(fd, len(view), offset)
     view[:len(data)] = data
     return len(data)

@@ -11,6 +11,7 @@ import argparse
 import ast
 import errno
 import fcntl
+import glob
 import json
 import mmap
 import os
@@ -3032,6 +3033,60 @@ class TestHostileLists:
         assert int(estimate) == count * BLOCK
         assert int(rss_kib) < 160 * 1024, "peak RSS %d KiB" % int(rss_kib)
 
+
+
+def python36():
+    """A CPython 3.6 interpreter of this machine (pyenv's), or None."""
+    root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          universal_newlines=True).stdout.strip() if shutil.which("pyenv") \
+        else os.path.expanduser("~/.pyenv")
+    found = sorted(glob.glob(os.path.join(root or "/nonexistent", "versions", "3.6.*", "bin",
+                                          "python3")))
+    return found[-1] if found else None
+
+
+class TestPython36:
+    """Python 3.6 has no str.isascii nor os.preadv: the tool's own stand-ins."""
+
+    @pytest.mark.parametrize("number", ["\u0663", "1\u0663", "\uff11"])
+    def test_non_ascii_digits_refused_without_isascii(self, monkeypatch, number):
+        # "\u0663".isdigit() is true; int() would take it as 3.
+        monkeypatch.setattr(era_tool, "_isascii", era_tool._ascii_only)
+        for xml in ('<blocks><block block="%s"/></blocks>' % number,
+                    '<blocks><range begin="%s" end="20"/></blocks>' % number,
+                    '<blocks><range begin="0" end="2%s"/></blocks>' % number):
+            with pytest.raises(era_tool.BlockListError, match="not a whole number"):
+                parse(xml.encode())
+        assert parse(b'<blocks><range begin="1" end="3"/><block block="7"/></blocks>') == \
+            [(1, 3), (7, 8)]
+
+    def test_copy_apply_rollback_on_python_36(self, tmp_path):
+        interpreter = python36()
+        if interpreter is None:
+            if IN_CI:
+                pytest.fail("no CPython 3.6 here: the oldest Python the tool runs on")
+            pytest.skip("no CPython 3.6 here")
+        case = UndoCase(tmp_path)
+        xml = write(tmp_path / "l.xml", blocks_xml(case.ranges))
+
+        def run(*args):
+            result = subprocess.run([interpreter, TOOL] + list(args), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == b""
+            return result.stdout
+        stream = run("copy", "-i", xml, "--since-era", "5", "--era", "9", "--source-id",
+                     "web1:root", str(BLOCK_SECTORS), case.source)
+        # The stream of this Python's copy but for the time made (and so the CRCs).
+        fields = [era_tool.StreamHeader.read(_BytesInput(data)).as_dict()
+                  for data in (stream, case.stream)]
+        for header in fields:
+            del header["created"]
+        assert fields[0] == fields[1] and len(stream) == len(case.stream)
+        run("apply", "--undo", case.undo, "-i", write(tmp_path / "36.era", stream), case.mirror)
+        assert read(case.mirror) == case.new and case.era() == 9
+        run("rollback", case.undo, case.mirror)
+        assert read(case.mirror) == case.old and case.era() == 5
 
 # ---------------------------------------------------------------------------
 # The error funnel: every exception one line; one rule for a closed stdout
