@@ -1446,7 +1446,8 @@ class TestCommandLine:
     def test_interrupt_exits_130(self, tmp_path):
         # apply waits on a pipe that stays open; Ctrl-C must give 130, no traceback.
         proc = subprocess.Popen([sys.executable, TOOL, "apply", str(tmp_path / "m")],
-                                stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)
         proc.stdin.write(era_tool.MAGIC[:4])
         proc.stdin.flush()
         # Read: apply is running and waits on the pipe for the rest of the header.
@@ -2033,8 +2034,19 @@ def craft_stream(header, chunks=(), trailer=True, cut=None):
     return bytes(out[:cut])
 
 
+def default_signals():
+    """In a child that a test signals: SIGINT, SIGTERM and SIGHUP as a terminal gives them.
+
+    A suite run as a background job inherits SIGINT ignored (nohup: SIGHUP too),
+    and the tool keeps an ignored signal ignored, as it should.
+    """
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def tool_process(args, **kw):
     """era_tool.py as a process whose stdin the test feeds."""
+    kw.setdefault("preexec_fn", default_signals)
     return subprocess.Popen([sys.executable, TOOL] + list(args), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
@@ -2950,7 +2962,8 @@ class TestInterrupts:
         """) % (HERE, str(marks))
         proc = subprocess.Popen([sys.executable, "-c", script, "apply", "--undo", case.undo,
                                  "-i", case.stream_path, case.mirror],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)
         wait_until(lambda: marks.exists() and {"put", "close"} <= set(marks.read_text().split()))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
