@@ -192,6 +192,7 @@ STATE_VERSION = 1
 LEGACY_MAGIC = b"ERARANGE"
 LEGACY_RECORD = struct.Struct("=8sqq")   # host byte order, as the C tool wrote
 
+MIN_PYTHON = (3, 6)               # RHEL 8's platform-python, SLES 15, Ubuntu 18.04
 FORMATS = ("era", "legacy")
 STDOUT_CLOSED = "standard output was closed before everything was printed"
 
@@ -4258,6 +4259,12 @@ def main(argv=None):
     themselves, anything else as what it is, and a bug as an internal error,
     with its traceback only when ERA_TOOL_DEBUG=1 asks for it.
     """
+    if sys.version_info < MIN_PYTHON:
+        # 3.5 would import this file and run, on behaviour only 3.6 guarantees
+        # (ordered dicts, bytes to json); Python 2 stops at a SyntaxError before this.
+        err("era_tool: error: needs Python %d.%d or later; this is %s"
+            % (MIN_PYTHON + (sys.version.split()[0],)))
+        return 1
     try:
         _fill_closed_descriptors()
         parser = build_parser()

@@ -3048,14 +3048,275 @@ class TestHostileLists:
 
 
 
-def python36():
-    """A CPython 3.6 interpreter of this machine (pyenv's), or None."""
-    root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          universal_newlines=True).stdout.strip() if shutil.which("pyenv") \
-        else os.path.expanduser("~/.pyenv")
-    found = sorted(glob.glob(os.path.join(root or "/nonexistent", "versions", "3.6.*", "bin",
-                                          "python3")))
-    return found[-1] if found else None
+def pyenv_root():
+    """Where pyenv keeps its interpreters, as `pyenv root` says, without running it."""
+    return os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+
+
+def interpreter_candidates():
+    """Every python3 this machine has (pyenv's versions, the system's), one per real
+    file: found by name only, so that collecting the suite runs nothing.  Which of them
+    are CPython 3.6 or later is asked of each, by the test that runs it."""
+    found = sorted(glob.glob(os.path.join(pyenv_root(), "versions", "*", "bin", "python3")))
+    for directory in ("/usr/bin", "/usr/local/bin"):
+        found += sorted(path for path in glob.glob(os.path.join(directory, "python3*"))
+                        if re.search(r"/python3(\.\d+)?$", path))
+    unique = {}
+    for path in found:
+        unique.setdefault(os.path.realpath(path), path)
+    return sorted(unique.values())
+
+
+def interpreter_version(path):
+    """(major, minor, micro) of a CPython at path, or None for anything else (Python 2,
+    another implementation, a broken install)."""
+    try:
+        result = subprocess.run(
+            [path, "-c", "import sys; print(sys.implementation.name, *sys.version_info[:3])"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True,
+            timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = result.stdout.split()
+    if result.returncode != 0 or len(words) != 4 or words[0] != "cpython":
+        return None
+    return tuple(int(word) for word in words[1:])
+
+
+INTERPRETERS = interpreter_candidates()
+
+# The matrix pins the wall clock, the tool's only source of bytes that change from run
+# to run (a header's created, a state's applied): the runner sets time.time, then runs
+# era_tool.py as __main__, as `python3 era_tool.py` does.  Everything else is the tool's
+# own, run by the interpreter under test.
+PINNED_CLOCK = 1767225600          # 2026-01-01 00:00:00 UTC
+PINNED_RUNNER = ("import runpy, sys, time\n"
+                 "time.time = lambda: %d.0\n"
+                 "sys.argv = sys.argv[1:]\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n" % PINNED_CLOCK)
+MATRIX_BLOCK_SECTORS = 128         # what MetaBuilder's metadata records
+MATRIX_BLOCK = MATRIX_BLOCK_SECTORS * 512
+MATRIX_PASSED = {}                 # interpreter path: version, for the coverage check
+
+
+class Matrix:
+    """One interpreter through every path of the tool, in a directory of its own.
+
+    The inputs are the same bytes for every interpreter; run() returns what each step
+    produced (streams, mirrors, state and undo files, stdout, exit codes, error lines)
+    and checks on the way what the result must be whichever Python made it."""
+
+    def __init__(self, python, work):
+        self.python = python
+        self.work = work
+        self.results = {}
+        blocks = 64
+        self.old = random_bytes(blocks * MATRIX_BLOCK, 70)
+        new = bytearray(self.old)
+        for begin, end in ((1, 3), (10, 20), (60, 64)):
+            new[begin * MATRIX_BLOCK:end * MATRIX_BLOCK] = random_bytes(
+                (end - begin) * MATRIX_BLOCK, 71 + begin)
+        new[30 * MATRIX_BLOCK:34 * MATRIX_BLOCK] = bytes(4 * MATRIX_BLOCK)   # ZERO chunks
+        self.new = bytes(new)
+        self.ranges = [(1, 3), (10, 20), (30, 34), (60, 64)]
+        self.source = write(work / "dev", self.new)
+        self.xml = write(work / "l.xml", blocks_xml(self.ranges))
+        # The metadata lists blocks 3 and 40 besides the XML's ranges, in eras 8 and 9.
+        self.meta = build(work, blocks, 9, [(8, blocks, {3, 40})],
+                          [(b, 9) for b in range(10, 20)])
+
+    def tool(self, name, *args, stdin=b"", code=0):
+        """Run the tool under test; keep its stdout (and stderr when it failed)."""
+        result = subprocess.run([self.python, "-W", "error", "-c", PINNED_RUNNER, TOOL] +
+                                [str(arg) for arg in args], input=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                                cwd=str(self.work))
+        assert result.returncode == code, (name, result.returncode, result.stderr)
+        # The directory is each interpreter's own; what the tool says about it is not.
+        here = str(self.work).encode()
+        self.results[name] = result.stdout.replace(here, b"WORK")
+        if code:
+            assert_one_line_error(result.stderr.decode())
+            self.results[name + " (stderr)"] = result.stderr.replace(here, b"WORK")
+        else:
+            assert result.stderr == b"", (name, result.stderr)
+        return result.stdout
+
+    def keep(self, name, path):
+        """Keep a file's bytes as a result."""
+        self.results[name] = read(path)
+        return self.results[name]
+
+    def mirror(self, name, content=None, era=5):
+        path = str(self.work / name)
+        write(path, self.old if content is None else content)
+        clock = time.time
+        time.time = lambda: float(PINNED_CLOCK)    # the same state file for every interpreter
+        try:
+            era_tool.MirrorState(path + ".era").save("web1:root", len(self.old),
+                                                     MATRIX_BLOCK_SECTORS, era)
+        finally:
+            time.time = clock
+        return path
+
+    def run(self):
+        w, xml, source, bs = self.work, self.xml, self.source, MATRIX_BLOCK_SECTORS
+        header = ("--since-era", 5, "--era", 9, "--source-id", "web1:root")
+        self.tool("--version", "--version")
+        # The estimate, from XML and from the metadata.
+        self.tool("estimate", "copy", "-i", xml, bs)
+        assert json.loads(self.tool("estimate --json", "copy", "--json", "-i", xml, bs)) == {
+            "bytes": 20 * MATRIX_BLOCK, "ranges": 4, "blocks": 20}
+        assert json.loads(self.tool("estimate --metadata --json", "copy", "--json", "--live",
+                                    "--metadata", self.meta, "--since", 8)) == {
+            "bytes": 12 * MATRIX_BLOCK, "ranges": 3, "blocks": 12}
+        self.tool("blocks", "blocks", "--live", "--metadata", self.meta, "--since", 8)
+        # copy: from XML to a file, the same to stdout with --progress, from the metadata.
+        self.tool("copy", "copy", "-i", xml, *header, "-o", w / "s.era", bs, source)
+        stream = self.keep("stream", w / "s.era")
+        progress = subprocess.run(
+            [self.python, "-W", "error", "-c", PINNED_RUNNER, TOOL, "copy", "--progress", "-i",
+             xml] + [str(arg) for arg in header] + [str(bs), source],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        assert progress.returncode == 0 and progress.stdout == stream, progress.stderr
+        self.results["copy --progress (stderr)"] = progress_lines(progress.stderr)
+        self.tool("copy --metadata", "copy", "--live", "--metadata", self.meta, "--since", 8,
+                  "-o", w / "m.era", source)
+        self.keep("stream --metadata", w / "m.era")
+        # copy | apply onto an older mirror: two processes and a pipe between them.
+        piped = self.mirror("piped.img")
+        reader, writer = os.pipe()
+        command = [self.python, "-W", "error", "-c", PINNED_RUNNER, TOOL]
+        with subprocess.Popen(command + ["copy", "-i", xml] + [str(a) for a in header] +
+                              [str(bs), source], stdout=writer, stderr=subprocess.PIPE) as copy, \
+                subprocess.Popen(command + ["apply", "--progress", piped], stdin=reader,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as apply:
+            os.close(reader)
+            os.close(writer)
+            applied_out, applied_err = apply.communicate(timeout=120)
+            copy_err = copy.communicate(timeout=120)[1]
+        assert (copy.returncode, copy_err) == (0, b"")
+        assert apply.returncode == 0, applied_err
+        self.results["copy | apply"] = applied_out
+        self.results["apply --progress (stderr)"] = progress_lines(applied_err)
+        assert self.keep("piped mirror", piped) == self.new
+        assert json.loads(self.keep("piped state", piped + ".era").decode())["era"] == 9
+        # apply --undo, then rollback.
+        undone = self.mirror("undone.img")
+        self.tool("apply --undo", "apply", "--undo", w / "undone.undo", "-i", w / "s.era",
+                  undone)
+        assert self.keep("undo mirror", undone) == self.new
+        self.keep("undo file", w / "undone.undo")
+        self.keep("undo state", undone + ".era")
+        self.tool("rollback", "rollback", w / "undone.undo", undone)
+        assert self.keep("rolled-back mirror", undone) == self.old
+        assert json.loads(self.keep("rolled-back state", undone + ".era").decode())["era"] == 5
+        # info of a stream and of a mirror, in text and JSON.
+        self.tool("info -i", "info", "-i", w / "s.era")
+        self.tool("info --json -i", "info", "--json", "-i", w / "s.era")
+        self.tool("info MIRROR", "info", piped)
+        self.tool("info --json MIRROR", "info", "--json", piped)
+        # A cut stream and a flipped bit: refused there, the mirror's era as it was (the
+        # chunks verified before the damage are written: the same bytes everywhere).
+        cut = write(w / "cut.era", stream[:len(stream) * 2 // 3])
+        flipped = bytearray(stream)
+        flipped[len(stream) // 2] ^= 0x10
+        flipped = write(w / "flipped.era", bytes(flipped))
+        for name, damaged in (("cut", cut), ("flipped", flipped)):
+            target = self.mirror(name + ".img")
+            self.tool("apply " + name, "apply", "-i", damaged, target, code=1)
+            self.keep(name + " mirror", target)
+            assert json.loads(self.keep(name + " state", target + ".era").decode())["era"] == 5
+            self.tool("info " + name, "info", "-i", damaged, code=1)
+        # The original format: written by copy, read by apply.
+        self.tool("copy --format legacy", "copy", "--format", "legacy", "-i", xml,
+                  "-o", w / "legacy.bin", bs, source)
+        self.keep("legacy stream", w / "legacy.bin")
+        legacy = self.mirror("legacy.img")
+        self.tool("apply legacy", "apply", "--force", "-i", w / "legacy.bin", legacy)
+        assert self.keep("legacy mirror", legacy) == self.new
+        return self.results
+
+
+def progress_lines(stderr):
+    """--progress's last line, with the rate taken out (it is the clock's, not the tool's)."""
+    last = stderr.decode().split("\r")[-1]
+    assert last.endswith("\x1b[K\n"), stderr
+    return re.sub(r", [0-9.]+ ?[A-Za-z]*/s", ", RATE/s", last).encode()
+
+
+@pytest.fixture(scope="module")
+def matrix_reference(tmp_path_factory):
+    """The matrix's results under the Python running the suite: what every other
+    interpreter must produce, byte for byte."""
+    return Matrix(sys.executable, tmp_path_factory.mktemp("reference")).run()
+
+
+class TestInterpreters:
+    """Every CPython 3.6 and later on this machine runs every path of the tool, and
+    all of them write the same bytes."""
+
+    @pytest.mark.parametrize("python", INTERPRETERS)
+    def test_same_bytes_on_every_interpreter(self, tmp_path, matrix_reference, python):
+        version = interpreter_version(python)
+        if version is None or version < (3, 6):
+            pytest.skip("%s is not CPython 3.6 or later" % python)
+        results = Matrix(python, tmp_path).run()
+        assert sorted(results) == sorted(matrix_reference)
+        differ = ["%s: %r, not %r" % (name, results[name][:300], matrix_reference[name][:300])
+                  for name in results if results[name] != matrix_reference[name]]
+        assert not differ, "%s (%s) differs from %s in:\n%s" % (
+            python, ".".join(map(str, version)), sys.executable, "\n".join(differ))
+        MATRIX_PASSED[python] = version
+
+    def test_enough_versions_were_exercised(self):
+        # After the matrix above (pytest runs a class's tests in order).
+        minors = {version[:2] for version in MATRIX_PASSED.values()}
+        present = {version[:2] for version in filter(None, map(interpreter_version,
+                                                                INTERPRETERS))}
+        present = {minor for minor in present if minor >= (3, 6)}
+        missing = []
+        if len(minors) < 4:
+            missing.append("at least four minor versions (passed: %s)"
+                           % (", ".join("%d.%d" % m for m in sorted(minors)) or "none"))
+        for need in {(3, 6), max(present, default=(3, 6))} - minors:
+            missing.append("%d.%d" % need)
+        if missing:
+            message = "the interpreter matrix needs %s" % "; ".join(missing)
+            if IN_CI:
+                pytest.fail(message + "; CI=true, so this is a failure", pytrace=False)
+            pytest.skip(message)
+
+    def test_python_2_writes_nothing(self, tmp_path):
+        pythons = glob.glob(os.path.join(pyenv_root(), "versions", "2.*", "bin", "python"))
+        if not pythons:
+            pytest.skip("no Python 2 here")
+        source = write(tmp_path / "dev", random_bytes(4 * BLOCK, 72))
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 4)]))
+        stream = write(tmp_path / "s.era", make_stream(tmp_path, source, [(0, 4)]))
+        before = sorted(os.listdir(str(tmp_path)))
+        for args in (["copy", "-i", xml, "-o", tmp_path / "out", "8", source],
+                     ["apply", "-i", stream, tmp_path / "mirror"]):
+            result = subprocess.run([pythons[0], TOOL] + [str(a) for a in args],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+            assert result.returncode != 0 and result.stdout == b""
+            assert b"SyntaxError" in result.stderr
+        assert sorted(os.listdir(str(tmp_path))) == before
+
+    def test_older_than_3_6_refused_before_anything(self, tmp_path):
+        # 3.5 compiles the file (vermin: nothing in it needs more): main() itself refuses.
+        # No 3.5 here, so the version is what this interpreter says it is.
+        source = write(tmp_path / "dev", random_bytes(4 * BLOCK, 73))
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 4)]))
+        program = ("import sys, runpy; sys.version_info = (3, 5, 10, 'final', 0); "
+                   "sys.version = '3.5.10 (default)'; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+        result = subprocess.run([sys.executable, "-c", program, TOOL, "copy", "-i", xml, "-o",
+                                 str(tmp_path / "out"), "8", source],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert result.returncode == 1 and result.stdout == b""
+        assert result.stderr == b"era_tool: error: needs Python 3.6 or later; this is 3.5.10\n"
+        assert sorted(os.listdir(str(tmp_path))) == ["dev", "l.xml"]
 
 
 class TestPython36:
@@ -3072,34 +3333,6 @@ class TestPython36:
                 parse(xml.encode())
         assert parse(b'<blocks><range begin="1" end="3"/><block block="7"/></blocks>') == \
             [(1, 3), (7, 8)]
-
-    def test_copy_apply_rollback_on_python_36(self, tmp_path):
-        interpreter = python36()
-        if interpreter is None:
-            if IN_CI:
-                pytest.fail("no CPython 3.6 here: the oldest Python the tool runs on")
-            pytest.skip("no CPython 3.6 here")
-        case = UndoCase(tmp_path)
-        xml = write(tmp_path / "l.xml", blocks_xml(case.ranges))
-
-        def run(*args):
-            result = subprocess.run([interpreter, TOOL] + list(args), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, timeout=60)
-            assert result.returncode == 0, result.stderr
-            assert result.stderr == b""
-            return result.stdout
-        stream = run("copy", "-i", xml, "--since-era", "5", "--era", "9", "--source-id",
-                     "web1:root", str(BLOCK_SECTORS), case.source)
-        # The stream of this Python's copy but for the time made (and so the CRCs).
-        fields = [era_tool.StreamHeader.read(_BytesInput(data)).as_dict()
-                  for data in (stream, case.stream)]
-        for header in fields:
-            del header["created"]
-        assert fields[0] == fields[1] and len(stream) == len(case.stream)
-        run("apply", "--undo", case.undo, "-i", write(tmp_path / "36.era", stream), case.mirror)
-        assert read(case.mirror) == case.new and case.era() == 9
-        run("rollback", case.undo, case.mirror)
-        assert read(case.mirror) == case.old and case.era() == 5
 
 # ---------------------------------------------------------------------------
 # The error funnel: every exception one line; one rule for a closed stdout
