@@ -26,9 +26,12 @@ Usage examples::
     # all-or-nothing apply, and the way back
     python3 era_tool.py apply --undo /backup/root.img.undo.1 /backup/root.img < delta.era
     python3 era_tool.py rollback /backup/root.img.undo.1 /backup/root.img
+    # prove the mirror equal to its source: only digests cross; repair what differs
+    ssh host python3 era_tool.py sum --key $KEY 1024 /dev/mapper/root_era \\
+        | python3 era_tool.py verify --key $KEY /backup/root.img > diverged.xml
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error,
-130 interrupted (SIGINT, SIGTERM, SIGHUP).
+3 verify found blocks that diverged, 130 interrupted (SIGINT, SIGTERM, SIGHUP).
 
 Stream format (all integers little-endian; CRC-32 is zlib.crc32):
 
@@ -71,6 +74,30 @@ The original era_copy stream ("legacy"): per range, b"ERARANGE", offset and
 length as signed 64-bit host-order integers, then the data.  No header, no
 checksum, no end marker.  apply reads both; copy --format legacy writes it.
 
+Sum stream (sum writes it, verify reads it; little-endian, CRC-32 as above):
+
+    header   magic        8  89 45 52 53 0d 0a 1a 0a  ("\\x89ERS\\r\\n\\x1a\\n")
+             version      2  1
+             flags        2  bit 0: a changed list follows the digests
+             device_size  8  bytes of the device hashed
+             block_size   4  dm-era block size, 512-byte sectors
+             begin        4  first block hashed
+             end          4  block after the last one hashed
+             since_era    4  with bit 0: the changed list's first era (else 0)
+             hash         16 hashlib name, ASCII, NUL-padded: sha256 or blake2b
+             digest_size  1  bytes kept of each digest (16)
+             key_length   1  bytes of key that follow (16 .. 64)
+             key          n
+             header_crc   4  CRC-32 of every header byte before it
+    digests  end - begin digests, digest_size bytes each: hash(key + block),
+             the block as on the device (the last one clipped at its end)
+    changed  with bit 0: tag b"CHNG" 4, era 4 (the metadata's current era),
+             count 4, then count ranges of blocks written since since_era,
+             each begin 4 and end 4, sorted, within begin .. end
+    trailer  tag          4  b"DONE"
+             blocks       4  end - begin
+             stream_crc   4  CRC-32 of every byte of the sum stream before it
+
 The parts of this file, in order (each a section headed by a comment box):
 
     Constants                   sizes, limits, magic numbers, struct formats
@@ -87,6 +114,8 @@ The parts of this file, in order (each a section headed by a comment box):
     Mirror state                MirrorState: the state file, the chain
                                 guard, the mirror's lock
     Undo                        UndoLog (written by apply --undo), UndoFile
+    Sums                        SumHeader, sum_device() and verify_mirror():
+                                the engines of sum and verify
     Messages and progress       Progress, warn(), err(), shown(), say()
     Engines                     read_ahead() and copy_device() for copy;
                                 write_chunks(), apply_stream() and
@@ -103,6 +132,7 @@ import collections
 import errno
 import functools
 import io
+import itertools
 import mmap
 import os
 import queue
@@ -160,7 +190,9 @@ FLAG_FULL = 4
 FLAG_UNDO = 8                     # an undo file: the old content an apply overwrote
 FLAG_TARGET = 16                  # an undo file that names its apply (target fields follow)
 FLAG_PREVIOUS = 32                # with FLAG_TARGET: previous_crc is set
-KNOWN_FLAGS = FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET | FLAG_PREVIOUS
+FLAG_REPAIR = 64                  # the blocks verify found diverged; the era stays
+KNOWN_FLAGS = (FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET | FLAG_PREVIOUS
+               | FLAG_REPAIR)
 MAX_OFFSET = (1 << 63) - 1        # off_t is signed 64-bit: no device or offset beyond
 MAX_BLOCK_SIZE = (1 << 32) - 8    # block_size is a u32 of sectors, a multiple of 8
 MAX_NUMBER_DIGITS = 10            # a u32 has at most 10 decimal digits
@@ -184,6 +216,28 @@ TRAILER_FIELDS = struct.Struct("<4sIQQ")
 # complete, the header_crc of the stream that apply wrote, and the one the
 # mirror's state recorded before it (0 unless FLAG_PREVIOUS)
 TARGET = struct.Struct("<QII")
+
+# Sum streams (sum writes, verify reads): one keyed digest per dm-era block.
+SUM_MAGIC = b"\x89ERS\r\n\x1a\n"  # like MAGIC, and never taken for a stream
+SUM_VERSION = 1
+SUM_FLAG_CHANGED = 1              # a changed list (from the metadata) follows the digests
+SUM_HASHES = ("sha256", "blake2b")  # sha256 where the CPU has SHA instructions, else blake2b
+DEFAULT_HASH = "sha256"
+SUM_DIGEST_SIZE = 16              # bytes kept of each digest: 2**-128 that a changed block hides
+SUM_KEY_SIZE = 32                 # a random key's bytes, when sum is not given one
+MIN_SUM_KEY = 16
+MAX_SUM_KEY = 64
+MAX_SUM_BLOCK = MAX_CHUNK_SIZE    # a block is hashed from one read: at most this big
+# magic, version, flags, device_size, block_size, begin, end, since_era, hash,
+# digest_size, key_length; then the key and header_crc
+SUM_HEADER = struct.Struct("<8sHHQIIII16sBB")
+# tag, era, ranges; then the ranges, each begin and end (with SUM_FLAG_CHANGED)
+SUM_CHANGED = struct.Struct("<4sII")
+SUM_RANGE = struct.Struct("<II")
+# tag, blocks; then stream_crc
+SUM_TRAILER_FIELDS = struct.Struct("<4sI")
+TAG_CHANGED = b"CHNG"
+EXIT_DIFFERS = 3                  # verify: the mirror diverged from its source
 
 STATE_SUFFIX = ".era"             # mirror.img -> mirror.img.era
 STATE_FORMAT = "era_tool mirror state"
@@ -1884,7 +1938,7 @@ class StreamHeader:
     def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
                  since_era=None, era=None, full=False, created=None, source_id="",
                  version=FORMAT_VERSION, undo=False, target_size=None, target_crc=None,
-                 previous_crc=None, raw=None):
+                 previous_crc=None, raw=None, repair=False):
         self.version = version
         self.device_size = device_size
         self.total_bytes = total_bytes
@@ -1894,6 +1948,7 @@ class StreamHeader:
         self.era = era
         self.full = full
         self.undo = undo
+        self.repair = repair
         self.created = int(time.time()) if created is None else created
         self.source_id = source_id
         # An undo file's apply: the mirror's size once it is complete, and the
@@ -1911,6 +1966,7 @@ class StreamHeader:
                  | (FLAG_ERA if self.era is not None else 0)
                  | (FLAG_FULL if self.full else 0)
                  | (FLAG_UNDO if self.undo else 0)
+                 | (FLAG_REPAIR if self.repair else 0)
                  | (FLAG_TARGET if self.target_size is not None else 0)
                  | (FLAG_PREVIOUS if self.target_size is not None and
                     self.previous_crc is not None else 0))
@@ -1951,6 +2007,10 @@ class StreamHeader:
         if flags & FLAG_TARGET and not flags & FLAG_UNDO or \
                 flags & FLAG_PREVIOUS and not flags & FLAG_TARGET:
             raise StreamError("header has flags 0x%x: target fields without the undo flag" % flags)
+        if flags & FLAG_REPAIR and (flags & (FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO)
+                                    != FLAG_SINCE_ERA | FLAG_ERA or since_era != era):
+            raise StreamError("header has flags 0x%x: a repair names the one era it keeps"
+                              % flags)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise StreamError("header has a chunk size of %d bytes" % chunk_size)
         target_size, target_crc, previous_crc = TARGET.unpack(target) if target else (None,) * 3
@@ -1975,7 +2035,8 @@ class StreamHeader:
                    since_era if flags & FLAG_SINCE_ERA else None,
                    era if flags & FLAG_ERA else None, bool(flags & FLAG_FULL), created,
                    source_id, version, bool(flags & FLAG_UNDO), target_size, target_crc,
-                   previous_crc, raw=raw + CRC.pack(header_crc))
+                   previous_crc, raw=raw + CRC.pack(header_crc),
+                   repair=bool(flags & FLAG_REPAIR))
 
     def as_dict(self):
         return {
@@ -1988,6 +2049,7 @@ class StreamHeader:
             "era": self.era,
             "full": self.full,
             "undo": self.undo,
+            "repair": self.repair,
             "created": self.created,
             "source_id": self.source_id,
             "target_size": self.target_size,
@@ -2565,6 +2627,16 @@ class MirrorState:
                              "file (header CRC 0x%08x) stopped midway (%s): run that rollback or "
                              "apply -i again first (--force applies anyway)"
                              % (self.stepping_back, shown(path)))
+        if header is not None and header.repair:
+            # Its blocks are the source as it is now, right only on the mirror verify
+            # compared: at the era it keeps, with no incremental applied since.
+            if not self.known or self.era != header.era:
+                raise ChainError("repair stream is for the mirror at era %d, but the mirror is "
+                                 "at era %s (%s): verify it again (--force applies anyway)"
+                                 % (header.era, self.era if self.known else "unknown",
+                                    shown(path)))
+            self._check_same_source(header, "repair stream")
+            return
         if not self.known:
             if path is not None and header is not None and header.since_era is not None and \
                     not header.full:
@@ -2880,6 +2952,257 @@ def check_undo_fits(header, dest, path):
 
 
 # ---------------------------------------------------------------------------
+# Sums: proving a mirror equal to its source without sending the data
+# ---------------------------------------------------------------------------
+
+
+class SumHeader:
+    """A sum stream's header: which blocks were hashed, how, with which key.
+
+    A digest is hash(key + block)[:digest_size], over the block's bytes on the
+    device (the last block clipped at its end).  The key is chosen by the side
+    that compares, so the side that is compared cannot prepare data whose
+    digests collide.
+    """
+
+    def __init__(self, device_size, block_size, begin, end, hash_name=DEFAULT_HASH, key=None,
+                 digest_size=SUM_DIGEST_SIZE, since_era=None):
+        self.device_size = device_size
+        self.block_size = block_size
+        self.begin = begin
+        self.end = end
+        self.hash_name = hash_name
+        self.key = os.urandom(SUM_KEY_SIZE) if key is None else key
+        self.digest_size = digest_size
+        self.since_era = since_era
+        self.raw = None
+
+    @property
+    def block_bytes(self):
+        return self.block_size * SECTOR
+
+    @property
+    def blocks(self):
+        return self.end - self.begin
+
+    def pack(self):
+        flags = SUM_FLAG_CHANGED if self.since_era is not None else 0
+        raw = SUM_HEADER.pack(SUM_MAGIC, SUM_VERSION, flags, self.device_size, self.block_size,
+                              self.begin, self.end, self.since_era or 0,
+                              self.hash_name.encode("ascii"), self.digest_size,
+                              len(self.key)) + self.key
+        self.raw = raw + CRC.pack(zlib.crc32(raw))
+        return self.raw
+
+    @classmethod
+    def read(cls, inp):
+        """Read and check a header; StreamError if it is not one era_tool would write."""
+        raw = inp.read_exact(SUM_HEADER.size, "the sum header")
+        (magic, version, flags, device_size, block_size, begin, end, since_era, name,
+         digest_size, key_length) = SUM_HEADER.unpack(raw)
+        if magic != SUM_MAGIC:
+            raise StreamError("not an era_tool sum stream (%s)" % (
+                "an era_tool stream: verify reads what 'sum' writes" if magic == MAGIC else
+                "bad magic %s" % magic.hex()))
+        if version != SUM_VERSION:
+            raise StreamError("sum stream version %d; this era_tool reads version %d"
+                              % (version, SUM_VERSION))
+        key = inp.read_exact(key_length, "the sum header's key")
+        crc = inp.read_exact(CRC.size, "the sum header's CRC")
+        if CRC.unpack(crc)[0] != zlib.crc32(raw + key):
+            raise ChecksumMismatch("sum header checksum mismatch: the sums are damaged")
+        # The CRC holds: what follows is a header someone made, checked field by field.
+        hash_name = name.rstrip(b"\0").decode("ascii", "replace")
+        problem = None
+        if flags & ~SUM_FLAG_CHANGED:
+            problem = "unknown flags 0x%x" % (flags & ~SUM_FLAG_CHANGED)
+        elif hash_name not in SUM_HASHES or name != hash_name.encode().ljust(16, b"\0"):
+            problem = "hash %r is not one of %s" % (hash_name, ", ".join(SUM_HASHES))
+        elif not 8 <= digest_size <= 32:
+            problem = "digest size %d (8 to 32 bytes)" % digest_size
+        elif not MIN_SUM_KEY <= key_length <= MAX_SUM_KEY:
+            problem = "key of %d bytes (%d to %d)" % (key_length, MIN_SUM_KEY, MAX_SUM_KEY)
+        elif block_size == 0 or block_size % SECTORS_PER_PAGE or \
+                block_size * SECTOR > MAX_SUM_BLOCK:
+            problem = "block size %d sectors" % block_size
+        elif device_size > MAX_OFFSET or -(-device_size // (block_size * SECTOR)) > MAX_BLOCK:
+            problem = "device size %d" % device_size
+        elif not begin < end or end * block_size * SECTOR - device_size >= block_size * SECTOR:
+            problem = "blocks %d to %d of a device of %d bytes" % (begin, end, device_size)
+        elif since_era and not flags & SUM_FLAG_CHANGED:
+            problem = "a since-era without a changed list"
+        if problem:
+            raise StreamError("bad sum header: %s" % problem)
+        header = cls(device_size, block_size, begin, end, hash_name, key, digest_size,
+                     since_era if flags & SUM_FLAG_CHANGED else None)
+        header.raw = raw + key + crc
+        return header
+
+    def hasher(self):
+        """work(offset, view) for read_ahead: the digests of the whole blocks in view."""
+        import hashlib
+        keyed = hashlib.new(self.hash_name)
+        keyed.update(self.key)
+        block_bytes, size = self.block_bytes, self.digest_size
+
+        def digests(offset, view):
+            out = bytearray()
+            for start in range(0, len(view), block_bytes):
+                digest = keyed.copy()
+                digest.update(view[start:start + block_bytes])
+                out += digest.digest()[:size]
+            return out
+        return digests
+
+    def as_dict(self):
+        return {"device_size": self.device_size, "block_size": self.block_size,
+                "begin": self.begin, "end": self.end, "hash": self.hash_name,
+                "digest_size": self.digest_size, "since_era": self.since_era}
+
+
+def sum_chunk_size(block_bytes):
+    """Reads of whole blocks, about CHUNK_SIZE each (one block, if larger)."""
+    return block_bytes * max(1, CHUNK_SIZE // block_bytes)
+
+
+def sum_device(source, header, output, progress, changed=None):
+    """sum's engine: the digests of the header's blocks of `source`, to `output`.
+
+    changed: a function returning the blocks written since header.since_era
+    (a ChangedBlocks), called after the data is read, so that the writes that
+    landed during the read are among them.
+    """
+    block_bytes = header.block_bytes
+    start = header.begin * block_bytes
+    stop = min(header.end * block_bytes, header.device_size)
+    crc = zlib.crc32(header.pack())
+    output.write(header.raw)
+    done = 0
+    for _, digests, _ in read_ahead(source, [(start, stop - start)],
+                                    sum_chunk_size(block_bytes), header.hasher()):
+        output.write(digests)
+        crc = zlib.crc32(digests, crc)
+        done += len(digests) // header.digest_size * block_bytes
+        progress.update(min(done, stop - start))
+    if changed is not None:
+        ranges = changed()
+
+        def clipped():          # twice over the arrays: a list of tuples costs 120 bytes a range
+            for begin, end in ranges:
+                if end > header.begin and begin < header.end:
+                    yield SUM_RANGE.pack(max(begin, header.begin), min(end, header.end))
+        piece = SUM_CHANGED.pack(TAG_CHANGED, ranges.current_era, sum(1 for _ in clipped()))
+        pieces = clipped()
+        while piece:
+            output.write(piece)
+            crc = zlib.crc32(piece, crc)
+            piece = b"".join(itertools.islice(pieces, 1 << 16))
+    piece = SUM_TRAILER_FIELDS.pack(TAG_DONE, header.blocks)
+    output.write(piece, CRC.pack(zlib.crc32(piece, crc)))
+    return stop - start
+
+
+class Verdict:
+    """What verify found: the blocks whose digests differ, split by the changed list."""
+
+    def __init__(self, header):
+        self.header = header
+        self.differ = RangeList()   # digests differ (or the block is past the mirror's end)
+        self.changed = RangeList()  # the changed list of the sums
+        self.changed_era = None
+        self.extra_bytes = 0        # the mirror is this much longer than the source
+        self.seconds = 0.0
+
+    def split(self):
+        """(diverged, changed): differing blocks outside the changed list, and in it."""
+        diverged, changed = RangeList(), RangeList()
+        others = iter(self.changed)
+        other = next(others, None)
+        for begin, end in self.differ:
+            while begin < end:
+                while other is not None and other[1] <= begin:
+                    other = next(others, None)
+                if other is None or other[0] >= end:
+                    diverged.add(begin, end)
+                    break
+                if begin < other[0]:
+                    diverged.add(begin, other[0])
+                    begin = other[0]
+                stop = min(end, other[1])
+                changed.add(begin, stop)
+                begin = stop
+        return diverged, changed
+
+
+def verify_mirror(inp, header, mirror, progress):
+    """verify's engine: the mirror hashed as `header` says, compared with the sums in `inp`.
+
+    Reads the rest of the sum stream, checking its trailer, and returns a
+    Verdict; StreamError for sums that are damaged or cut short.
+    """
+    started = time.monotonic()
+    verdict = Verdict(header)
+    block_bytes, size = header.block_bytes, header.digest_size
+    # The blocks wholly on the mirror are read; the rest differ without a read.
+    readable = header.end if mirror.size >= header.device_size else \
+        min(header.end, max(header.begin, mirror.size // block_bytes))
+    start = header.begin * block_bytes
+    stop = min(readable * block_bytes, header.device_size)
+    crc = zlib.crc32(header.raw)
+    block = header.begin
+    for _, ours, _ in read_ahead(mirror, [(start, stop - start)], sum_chunk_size(block_bytes),
+                                 header.hasher()):
+        theirs = inp.read_exact(len(ours), "the digests")
+        crc = zlib.crc32(theirs, crc)
+        if theirs != ours:
+            for at in range(0, len(ours), size):
+                if theirs[at:at + size] != ours[at:at + size]:
+                    verdict.differ.add(block + at // size, block + at // size + 1)
+        block += len(ours) // size
+        progress.update((block - header.begin) * block_bytes)
+    left = (header.end - block) * size
+    while left:
+        piece = inp.read_exact(min(left, 1 << 20), "the digests")
+        crc = zlib.crc32(piece, crc)
+        left -= len(piece)
+    if block < header.end:
+        verdict.differ.add(block, header.end)
+    if header.since_era is not None:
+        piece = inp.read_exact(SUM_CHANGED.size, "the changed list")
+        tag, era, count = SUM_CHANGED.unpack(piece)
+        if tag != TAG_CHANGED:
+            raise StreamError("bad sum stream: no changed list after the digests")
+        crc = zlib.crc32(piece, crc)
+        verdict.changed_era = era
+        last = header.begin
+        for _ in range(count):
+            piece = inp.read_exact(SUM_RANGE.size, "the changed list")
+            crc = zlib.crc32(piece, crc)
+            begin, end = SUM_RANGE.unpack(piece)
+            if not last <= begin < end <= header.end:
+                raise StreamError("bad sum stream: changed range %d..%d out of order or "
+                                  "outside blocks %d..%d" % (begin, end, header.begin,
+                                                             header.end))
+            verdict.changed.add(begin, end)
+            last = end
+    piece = inp.read_exact(SUM_TRAILER_FIELDS.size, "the sum trailer")
+    tag, blocks = SUM_TRAILER_FIELDS.unpack(piece)
+    if tag != TAG_DONE or blocks != header.blocks:
+        raise StreamError("bad sum stream: no trailer after %d digests" % header.blocks)
+    crc = zlib.crc32(piece, crc)
+    recorded = CRC.unpack(inp.read_exact(CRC.size, "the sum trailer"))[0]
+    if recorded != crc:
+        raise ChecksumMismatch("sum stream checksum mismatch: the sums are damaged")
+    if not inp.at_end():
+        raise StreamError("data after the end of the sum stream at byte %d" % inp.position)
+    if mirror.size > header.device_size and header.end * block_bytes >= header.device_size:
+        verdict.extra_bytes = mirror.size - header.device_size
+    progress.finish(stop - start)
+    verdict.seconds = time.monotonic() - started
+    return verdict
+
+
+# ---------------------------------------------------------------------------
 # Messages and progress
 # ---------------------------------------------------------------------------
 
@@ -2997,10 +3320,13 @@ class BufferPool:
         self.free.put(buffer)
 
 
-def read_ahead(source, spans, chunk_size):
+def read_ahead(source, spans, chunk_size, work=None):
     """Yield (offset, view, span) for each chunk of the spans, in order, read by other threads.
 
     span is the (offset, length) being read when the chunk starts it, else None.
+    work(offset, view), if given, runs in the reading thread on each chunk and
+    its result is yielded instead of the view (sum and verify hash there: hashlib
+    releases the GIL, so the hashing of two chunks runs beside the reads).
     The next chunks are read while this thread checks and writes the current
     one, so a copy costs about max(read, write) rather than their sum (the
     reads, checksums and writes all release the GIL); two readers keep two
@@ -3034,7 +3360,10 @@ def read_ahead(source, spans, chunk_size):
                 return
             offset, size, span = request
             try:
-                item = (offset, source.read(offset, size, buffer), buffer, span)
+                view = source.read(offset, size, buffer)
+                if work is not None:
+                    view = work(offset, view)
+                item = (offset, view, buffer, span)
             except BaseException as exc:   # handed over, raised in the main thread
                 item = exc
             with arrived:
@@ -3801,6 +4130,10 @@ def add_copy_parser(commands):
                       help="record in the header: the list holds blocks written since era N")
     copy.add_argument("--era", type=_era, metavar="N",
                       help="record in the header: the era the metadata snapshot was taken at")
+    copy.add_argument("--repair", action="store_true",
+                      help="a repair of the blocks verify listed: with --era N, the mirror's "
+                           "era, which apply then keeps (it refuses the stream on a mirror at "
+                           "another era)")
     copy.add_argument("--source-id", type=_source_id, metavar="ID",
                       help="record in the header: a name for the source (e.g. host:device)")
     copy.add_argument("--progress", action="store_true",
@@ -3836,16 +4169,23 @@ def check_copy_args(parser, args):
         parser.error("--full copies the whole device and reads no block list: drop -i")
     if args.json and args.device is not None:
         parser.error("--json prints the estimate, which takes no DEVICE")
+    if args.repair:
+        if args.era is None or args.full or args.metadata is not None:
+            parser.error("--repair copies the blocks verify listed (-i or stdin) onto the "
+                         "mirror at --era N: needs --era, no --full or --metadata")
+        if args.since_era not in (None, args.era):
+            parser.error("--repair keeps the mirror at --era %d: no other --since-era" % args.era)
+        args.since_era = args.era
     since = args.since if args.metadata is not None else args.since_era
     if since is not None and args.era is not None and since > args.era:
         parser.error("the list starts at era %d, later than --era %d" % (since, args.era))
 
 
-def refuse_terminal(path):
+def refuse_terminal(path, what="a stream"):
     """Like gzip: binary data on a terminal is never what was meant."""
     if (path is None or path == "-") and sys.stdout is not None and \
             os.isatty(sys.stdout.fileno()):
-        raise EraError("refusing to write a stream to a terminal; redirect it or use -o FILE")
+        raise EraError("refusing to write %s to a terminal; redirect it or use -o FILE" % what)
 
 
 def _changed_blocks(args):
@@ -3912,6 +4252,7 @@ def cmd_copy(args):
             else:
                 writer = StreamWriter(output, StreamHeader(
                     source.size, total, block_size, since_era=since_era, era=era,
+                    repair=args.repair,
                     full=args.full, source_id=args.source_id or ""))
             progress = Progress(args.progress, "copied", total)
             done = copy_device(source, spans, writer, progress)
@@ -4026,6 +4367,264 @@ def cmd_blocks(args):
     except BrokenPipeError:
         raise EraError(STDOUT_CLOSED) from None
     return 0
+
+
+SUM_EPILOG = """\
+examples:
+  key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \\n')     # on the backup host: its own key
+  ssh host python3 era_tool.py sum --key $key 1024 /dev/mapper/root_era \\
+      | python3 era_tool.py verify --key $key /srv/root.img > diverged.xml
+  python3 era_tool.py sum --range 0:100000 1024 /dev/mapper/root_era -o part1.sums
+  python3 era_tool.py sum --metadata /dev/sda3 --since 42 1024 /dev/mapper/root_era > sums
+      also the blocks written since era 42 (the mirror's era): verify reports those as
+      changes the next incremental brings, not as divergence
+
+Only digests leave the host: 16 bytes a block, keyed with --key so that matching digests
+cannot be prepared without it. Reads with O_DIRECT, as copy does.
+"""
+
+
+def _key(text):
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = None
+    if key is None or not MIN_SUM_KEY <= len(key) <= MAX_SUM_KEY:
+        raise argparse.ArgumentTypeError("%r is not a key of %d to %d bytes in hex"
+                                         % (text[:40], MIN_SUM_KEY, MAX_SUM_KEY))
+    return key
+
+
+def _block_range(text):
+    begin, colon, end = text.partition(":")
+    try:
+        if not colon or len(text) > 30 or not (begin + end).isdigit() or not \
+                _isascii(begin + end):
+            raise ValueError
+        begin, end = int(begin) if begin else 0, int(end) if end else None
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not BEGIN:END in blocks (either may be left "
+                                         "out)" % text[:40]) from None
+    if end is not None and not begin < end:
+        raise argparse.ArgumentTypeError("%s: END must be greater than BEGIN" % text)
+    return begin, end
+
+
+def add_sum_parser(commands):
+    """The sum command's options."""
+    sum_ = commands.add_parser(
+        "sum", help="hash a device block by block, for verify on the backup host",
+        description="Read DEVICE (the source; every block, or --range) and write a sum stream: "
+                    "one keyed digest per dm-era block, with a header and a checked trailer. "
+                    "verify compares a mirror with it without the data crossing the network.",
+        epilog=SUM_EPILOG, formatter_class=_RawHelpFormatter)
+    sum_.add_argument("block_size", metavar="BLOCK_SIZE", type=_block_size,
+                      help="dm-era block size in 512-byte sectors (as for copy)")
+    sum_.add_argument("device", metavar="DEVICE", help="the device (or file) to hash")
+    sum_.add_argument("-o", "--output", metavar="SUMS",
+                      help="write the sums to SUMS instead of standard output")
+    sum_.add_argument("--key", type=_key, metavar="HEX",
+                      help="key the digests with this (%d to %d bytes, in hex), chosen by the "
+                           "verifying side (default: a random one)" % (MIN_SUM_KEY, MAX_SUM_KEY))
+    sum_.add_argument("--hash", choices=SUM_HASHES, default=DEFAULT_HASH,
+                      help="the hash (default %s: fastest where the CPU has SHA instructions; "
+                           "blake2b where it has not)" % DEFAULT_HASH)
+    sum_.add_argument("--range", type=_block_range, metavar="BEGIN:END",
+                      help="only blocks BEGIN to END-1: a large device a part at a time")
+    sum_.add_argument("--metadata", metavar="META_DEV",
+                      help="also send the blocks written since --since, from the dm-era "
+                           "metadata snapshot read after the data: verify tells those changes "
+                           "from divergence")
+    sum_.add_argument("--since", type=_era, metavar="ERA",
+                      help="with --metadata: the mirror's era (its state's \"era\")")
+    sum_.add_argument("--live", action="store_true",
+                      help="with --metadata: read the live superblock (a stopped target or a "
+                           "copy of its metadata)")
+    sum_.add_argument("--progress", action="store_true",
+                      help="show bytes hashed, rate and ETA on stderr")
+    sum_.set_defaults(func=cmd_sum, check=functools.partial(check_sum_args, sum_))
+    return sum_
+
+
+def check_sum_args(parser, args):
+    """Cross-option checks of sum; usage errors exit 2."""
+    if (args.metadata is None) != (args.since is None):
+        parser.error("--metadata and --since go together")
+    if args.live and args.metadata is None:
+        parser.error("--live goes with --metadata")
+    if args.block_size * SECTOR > MAX_SUM_BLOCK:
+        parser.error("sum hashes blocks of at most %d sectors" % (MAX_SUM_BLOCK // SECTOR))
+
+
+def cmd_sum(args):
+    refuse_terminal(args.output, "sums")
+    inputs = [("DEVICE %s" % args.device, args.device)]
+    if args.metadata is not None:
+        inputs.append(("--metadata %s" % args.metadata, args.metadata))
+    refuse_same_files(inputs, [("the sums %s" % (args.output or "on standard output"),
+                                args.output)])
+
+    def changed():
+        blocks = read_changed_blocks(args.metadata, args.since, snapshot=not args.live)
+        if blocks.block_size != args.block_size:
+            raise EraError("BLOCK_SIZE %d differs from the block size in %s (%d sectors)"
+                           % (args.block_size, args.metadata, blocks.block_size))
+        return blocks
+    if args.metadata is not None:
+        changed()                 # a wrong block size or metadata fails before the long read
+    source = Source(args.device, warn)
+    try:
+        block_bytes = args.block_size * SECTOR
+        nr_blocks = -(-source.size // block_bytes)
+        begin, end = args.range or (0, None)
+        end = nr_blocks if end is None else end
+        if not begin < end <= nr_blocks:
+            raise EraError("--range %d:%d is not within the %d blocks of %s"
+                           % (begin, end, nr_blocks, args.device))
+        header = SumHeader(source.size, args.block_size, begin, end, args.hash, args.key,
+                           since_era=args.since)
+        output = Output(args.output)
+        failed = True
+        try:
+            total = min(end * block_bytes, source.size) - begin * block_bytes
+            progress = Progress(args.progress, "hashed", total)
+            done = sum_device(source, header, output, progress,
+                              changed if args.metadata is not None else None)
+            output.finish()
+            progress.finish(done)
+            failed = False
+        finally:
+            output.close(failed)
+    finally:
+        source.close()
+    return 0
+
+
+VERIFY_EPILOG = """\
+examples:
+  key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \\n')
+  ssh host python3 era_tool.py sum --key $key 1024 /dev/mapper/root_era \\
+      | python3 era_tool.py verify --key $key /srv/root.img > diverged.xml
+  ssh host 'python3 era_tool.py copy --repair --era 42 -i - 1024 /dev/mapper/root_era' \\
+      < diverged.xml | python3 era_tool.py apply /srv/root.img
+      repairs exactly the diverged blocks; the mirror stays at its era (42)
+  python3 era_tool.py verify --json -i sums /srv/root.img
+
+exit 0: every block is identical (or one of the changes the sums list since the mirror's
+era); 3: blocks diverged (listed as era_invalidate XML on stdout, or -o); 1: an error,
+damaged or cut sums included.
+"""
+
+
+def add_verify_parser(commands):
+    """The verify command's options."""
+    verify = commands.add_parser(
+        "verify", help="compare a mirror with the sums of its source",
+        description="Hash MIRROR as the sum stream says (stdin or -i), compare block by block, "
+                    "and print the blocks that differ as era_invalidate XML, which copy "
+                    "--repair turns into a repair; a summary goes to stderr. Blocks the sums "
+                    "list as changed since the mirror's era are not divergence: the next "
+                    "incremental brings them.",
+        epilog=VERIFY_EPILOG, formatter_class=_RawHelpFormatter)
+    verify.add_argument("mirror", metavar="MIRROR", help="the mirror file or block device")
+    verify.add_argument("-i", "--input", metavar="SUMS",
+                        help="read the sums from SUMS instead of standard input")
+    verify.add_argument("-o", "--output", metavar="XML",
+                        help="write the diverged blocks' XML to XML instead of standard output")
+    verify.add_argument("--key", type=_key, metavar="HEX",
+                        help="the key given to sum: sums made with another key are refused")
+    verify.add_argument("--state", metavar="FILE",
+                        help="the mirror's state file, if not MIRROR.era: sums of a device of "
+                             "another size or block size are refused")
+    verify.add_argument("--json", action="store_true",
+                        help="print the result as JSON on stdout instead of the XML")
+    verify.add_argument("--progress", action="store_true",
+                        help="show bytes compared, rate and ETA on stderr")
+    verify.set_defaults(func=cmd_verify)
+    return verify
+
+
+def cmd_verify(args):
+    if args.json and sys.stdout is None or args.output is None and sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to print the result")
+    refuse_same_files([("the sums %s" % (args.input or "on standard input"), args.input)],
+                      [("MIRROR %s" % args.mirror, args.mirror)] +
+                      ([("the list %s" % args.output, args.output)] if args.output else []))
+    state = MirrorState.load(MirrorState.path_for(args.mirror, args.state))
+    inp = Input(args.input, "sums", "pipe 'era_tool.py sum' in, or use -i FILE")
+    try:
+        header = SumHeader.read(inp)
+        if args.key is not None and header.key != args.key:
+            raise EraError("the sums were made with another key than --key: not the sums "
+                           "asked for (or replayed)")
+        if state.known and state.source_size is not None and \
+                state.source_size != header.device_size:
+            raise ChainError("the sums are of a device of %d bytes; the mirror's state (%s) "
+                             "records a source of %d: wrong mirror or device?"
+                             % (header.device_size, shown(state.path), state.source_size))
+        if state.known and state.block_size is not None and \
+                state.block_size != header.block_size:
+            raise ChainError("the sums have block size %d, the mirror %d (%s): wrong mirror?"
+                             % (header.block_size, state.block_size, shown(state.path)))
+        mirror = Source(args.mirror, warn)
+        try:
+            import fcntl
+            try:
+                # Shared: an apply (exclusive) does not change the mirror under the compare.
+                fcntl.flock(mirror.file.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DeviceError("%s is being written by another era_tool (apply or "
+                                  "rollback): verify after it" % args.mirror) from None
+            total = min(header.end * header.block_bytes, header.device_size) - \
+                header.begin * header.block_bytes
+            verdict = verify_mirror(inp, header, mirror,
+                                    Progress(args.progress, "compared", total))
+        finally:
+            mirror.close()
+    finally:
+        inp.close()
+    return report_verdict(args, verdict)
+
+
+def report_verdict(args, verdict):
+    """verify's output: the XML (or JSON), the summary line, the exit status."""
+    header = verdict.header
+    diverged, changed = verdict.split()
+    block_bytes = header.block_bytes
+    lines = "".join(iter_blocks_xml(diverged))
+    if args.output is not None:
+        output = Output(args.output)
+        failed = True
+        try:
+            output.write(lines.encode("ascii"))
+            output.finish()
+            failed = False
+        finally:
+            output.close(failed)
+    differs = bool(len(diverged)) or verdict.extra_bytes > 0
+    if args.json:
+        import json
+        say(json.dumps({
+            "identical": not differs, "blocks": header.blocks, "begin": header.begin,
+            "end": header.end, "block_size": header.block_size,
+            "diverged": diverged.blocks, "diverged_ranges": [list(r) for r in diverged],
+            "changed": changed.blocks, "changed_since_era": header.since_era,
+            "extra_bytes": verdict.extra_bytes, "seconds": round(verdict.seconds, 3)}))
+    else:
+        if args.output is None:
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+        parts = ["%d blocks compared in %.1f s" % (header.blocks, verdict.seconds)]
+        parts.append("%d diverged (%s)" % (diverged.blocks, human(diverged.blocks * block_bytes))
+                     if diverged.blocks else "none diverged")
+        if header.since_era is not None:
+            parts.append("%d changed since era %d (the next incremental brings them)"
+                         % (changed.blocks, header.since_era))
+        if verdict.extra_bytes:
+            parts.append("the mirror is %d bytes longer than the source (truncate -s %d)"
+                         % (verdict.extra_bytes, header.device_size))
+        err("era_tool: verify: %s" % "; ".join(parts))
+    return EXIT_DIFFERS if differs else 0
 
 
 ROLLBACK_EPILOG = """\
@@ -4223,13 +4822,14 @@ def build_parser():
         prog="era_tool", formatter_class=_HelpFormatter,
         description="Incremental backups of raw block devices with Linux dm-era: copy the "
                     "blocks era_invalidate lists into a checked stream, apply it to a mirror.",
-        epilog="exit codes: 0 success, 1 error, 2 usage error, 130 interrupted. "
+        epilog="exit codes: 0 success, 1 error, 2 usage error, 3 verify found diverged "
+               "blocks, 130 interrupted. "
                "Run 'era_tool COMMAND --help' for each command.")
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for add in (add_copy_parser, add_apply_parser, add_blocks_parser, add_rollback_parser,
-                add_info_parser):
+    for add in (add_copy_parser, add_apply_parser, add_blocks_parser, add_sum_parser,
+                add_verify_parser, add_rollback_parser, add_info_parser):
         add(commands)
     return parser
 

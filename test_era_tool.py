@@ -3048,6 +3048,294 @@ class TestHostileLists:
 
 
 
+# ---------------------------------------------------------------------------
+# sum and verify: a mirror proven equal to its source, and repaired
+# ---------------------------------------------------------------------------
+
+SUM_BLOCK_SECTORS = 128            # MetaBuilder's block size
+SUM_BLOCK = SUM_BLOCK_SECTORS * 512
+SUM_KEY = bytes(range(32))
+
+
+def expected_sums(data, block, key, begin=0, end=None, changed=None, hash_name="sha256"):
+    """The sum stream README describes, built here field by field (not by era_tool)."""
+    import hashlib
+    blocks = -(-len(data) // block)
+    end = blocks if end is None else end
+    flags = 0 if changed is None else 1
+    head = (b"\x89ERS\r\n\x1a\n" + struct.pack("<HHQIIII", 1, flags, len(data), block // 512,
+                                                  begin, end, changed[0] if changed else 0)
+            + hash_name.encode().ljust(16, b"\0") + bytes([16, len(key)]) + key)
+    body = head + struct.pack("<I", zlib.crc32(head))
+    for number in range(begin, end):
+        body += hashlib.new(hash_name, key + data[number * block:(number + 1) * block]
+                            ).digest()[:16]
+    if changed is not None:
+        since, era, ranges = changed
+        body += b"CHNG" + struct.pack("<II", era, len(ranges))
+        for first, stop in ranges:
+            body += struct.pack("<II", first, stop)
+    body += b"DONE" + struct.pack("<I", end - begin)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def differing_blocks(source, mirror, block):
+    """The blocks of source that mirror does not hold byte for byte."""
+    return [number for number in range(-(-len(source) // block))
+            if mirror[number * block:min((number + 1) * block, len(source))]
+            != source[number * block:(number + 1) * block]]
+
+
+def xml_blocks(text):
+    """The block numbers of an XML list, one by one."""
+    return [block for begin, end in parse(text.encode()) for block in range(begin, end)]
+
+
+class SumCase:
+    """A source of 40 blocks (the last one partial) and a full mirror of it at era 5."""
+
+    def __init__(self, tmp_path, blocks=40):
+        self.tmp_path = tmp_path
+        self.data = random_bytes(blocks * SUM_BLOCK - 1000, 140)
+        self.source = write(tmp_path / "dev", self.data)
+        self.mirror = str(tmp_path / "mirror.img")
+        full = str(tmp_path / "full.era")
+        assert era_tool.main(["copy", "--full", "--era", "5", "--source-id", "h:root",
+                              "-o", full, str(SUM_BLOCK_SECTORS), self.source]) == 0
+        assert era_tool.main(["apply", "-i", full, self.mirror]) == 0
+
+    def sums(self, *extra, name="s.sums"):
+        path = str(self.tmp_path / name)
+        assert era_tool.main(["sum", "--key", SUM_KEY.hex(), "-o", path] + list(extra) +
+                             [str(SUM_BLOCK_SECTORS), self.source]) == 0
+        return path
+
+    def verify(self, capsys, *extra, sums=None):
+        return run_main(["verify", "--key", SUM_KEY.hex(), "-i", sums or self.sums()] +
+                        list(extra) + [self.mirror], capsys)
+
+    def damage(self, edit):
+        data = bytearray(read(self.mirror))
+        edit(data)
+        write(self.mirror, bytes(data))
+
+
+def flip_bytes(data):
+    for offset in (5 * SUM_BLOCK + 17, 9 * SUM_BLOCK, 9 * SUM_BLOCK + 3, 39 * SUM_BLOCK - 1):
+        data[offset] ^= 0x01
+
+
+def zero_region(data):
+    data[11 * SUM_BLOCK + 100:14 * SUM_BLOCK + 5] = bytes(3 * SUM_BLOCK - 95)
+
+
+def truncate(data):
+    del data[30 * SUM_BLOCK + 7:]
+
+
+def extend(data):
+    data += b"\0" * 5000
+
+
+def other_source(data):
+    data[:] = random_bytes(len(data), 141)
+
+
+class TestSumVerify:
+    def test_sum_stream_is_what_readme_says(self, tmp_path):
+        case = SumCase(tmp_path)
+        assert read(case.sums()) == expected_sums(case.data, SUM_BLOCK, SUM_KEY)
+        assert read(case.sums("--range", "3:17", "--hash", "blake2b", name="r.sums")) == \
+            expected_sums(case.data, SUM_BLOCK, SUM_KEY, 3, 17, hash_name="blake2b")
+
+    def test_identical_mirror(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        code, out, err = case.verify(capsys)
+        assert code == 0 and parse(out.encode()) == []
+        assert err == "era_tool: verify: 40 blocks compared in %s s; none diverged\n" % \
+            re.search(r"in ([0-9.]+) s", err).group(1)
+
+    @pytest.mark.parametrize("edit", [flip_bytes, zero_region, truncate, extend, other_source])
+    def test_finds_exactly_the_differing_blocks_and_repairs_them(self, tmp_path, capsys, edit):
+        case = SumCase(tmp_path)
+        case.damage(edit)
+        code, out, err = case.verify(capsys)
+        assert code == 3, err
+        expected = differing_blocks(case.data, read(case.mirror), SUM_BLOCK)
+        assert xml_blocks(out) == expected
+        if edit is extend:
+            assert expected == [] and "5000 bytes longer than the source" in err
+            os.truncate(case.mirror, len(case.data))
+        else:
+            assert expected and "%d diverged" % len(expected) in err
+            repair = str(tmp_path / "repair.era")
+            write(tmp_path / "d.xml", out.encode())
+            assert era_tool.main(["copy", "--repair", "--era", "5", "--source-id", "h:root",
+                                  "-i", str(tmp_path / "d.xml"), "-o", repair,
+                                  str(SUM_BLOCK_SECTORS), case.source]) == 0
+            assert era_tool.main(["apply", "-i", repair, case.mirror]) == 0
+        assert read(case.mirror) == case.data
+        capsys.readouterr()
+        assert case.verify(capsys)[0] == 0
+        state = json.loads(read(case.mirror + ".era"))
+        assert state["era"] == 5 and state["source_size"] == len(case.data)
+        # The chain goes on: an incremental since era 5 applies.
+        new = bytearray(case.data)
+        new[2 * SUM_BLOCK:3 * SUM_BLOCK] = random_bytes(SUM_BLOCK, 142)
+        write(case.source, bytes(new))
+        xml = write(tmp_path / "inc.xml", blocks_xml([(2, 3)]))
+        stream = str(tmp_path / "inc.era")
+        assert era_tool.main(["copy", "-i", xml, "--since-era", "5", "--era", "6",
+                              "--source-id", "h:root", "-o", stream, str(SUM_BLOCK_SECTORS),
+                              case.source]) == 0
+        assert era_tool.main(["apply", "-i", stream, case.mirror]) == 0
+        assert read(case.mirror) == bytes(new)
+
+    def test_json(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        case.damage(zero_region)
+        code, out, err = case.verify(capsys, "--json")
+        result = json.loads(out)
+        assert code == 3 and err == ""
+        assert result["diverged"] == 4 and result["diverged_ranges"] == [[11, 15]]
+        assert (result["identical"], result["blocks"], result["changed"]) == (False, 40, 0)
+
+    def test_a_range_at_a_time(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        case.damage(flip_bytes)
+        found = []
+        for part in ("0:9", "9:30", "30:"):
+            code, out, _ = case.verify(capsys, sums=case.sums("--range", part))
+            found += xml_blocks(out)
+        assert found == [5, 9, 38]
+        code, _, err = run_main(["sum", "--range", "10:41", "-o", str(tmp_path / "x"),
+                                 str(SUM_BLOCK_SECTORS), case.source], capsys)
+        assert code == 1
+        assert_one_line_error(err, "--range 10:41 is not within the 40 blocks")
+
+    def test_changes_since_the_mirrors_era_are_not_divergence(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        # The metadata: blocks 3, 4 and 20 written since era 5 (the mirror's).
+        meta = build(tmp_path, 40, 7, [(6, 40, {3, 20})], [(4, 6), (30, 2)])
+        new = bytearray(case.data)
+        for block in (3, 4, 20):
+            new[block * SUM_BLOCK:(block + 1) * SUM_BLOCK] = random_bytes(SUM_BLOCK, block)
+        write(case.source, bytes(new))
+        case.data = bytes(new)
+        case.damage(lambda data: data.__setitem__(slice(25 * SUM_BLOCK, 25 * SUM_BLOCK + 4),
+                                                  b"rot!"))
+        sums = case.sums("--metadata", meta, "--since", "5", "--live")
+        assert read(sums) == expected_sums(case.data, SUM_BLOCK, SUM_KEY,
+                                           changed=(5, 7, [(3, 5), (20, 21)]))
+        code, out, err = case.verify(capsys, sums=sums)
+        assert code == 3 and xml_blocks(out) == [25]
+        assert "1 diverged" in err and "3 changed since era 5" in err
+        # Changes alone are no divergence.
+        case.damage(lambda data: data.__setitem__(slice(25 * SUM_BLOCK, 25 * SUM_BLOCK + 4),
+                                                  case.data[25 * SUM_BLOCK:25 * SUM_BLOCK + 4]))
+        code, out, err = case.verify(capsys, "--json", sums=sums)
+        assert code == 0 and json.loads(out)["changed"] == 3
+
+    def test_damaged_or_cut_sums_refused(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        meta = build(tmp_path, 40, 7, [(6, 40, {3, 20})])
+        good = read(case.sums("--metadata", meta, "--since", "5", "--live"))
+        bad = str(tmp_path / "bad.sums")
+        positions = sorted(set(range(0, len(good), 7)) | set(range(len(good) - 40, len(good))))
+        for cut in positions:
+            write(bad, good[:cut])
+            code, out, err = case.verify(capsys, sums=bad)
+            assert (code, out) == (1, ""), (cut, err)
+            assert_one_line_error(err)
+        for at in positions:
+            for bit in (0x01, 0x80):
+                damaged = bytearray(good)
+                damaged[at] ^= bit
+                write(bad, bytes(damaged))
+                code, out, err = case.verify(capsys, sums=bad)
+                assert (code, out) == (1, ""), (at, err)
+                assert_one_line_error(err)
+        write(bad, good + b"\0")
+        code, out, err = case.verify(capsys, sums=bad)
+        assert code == 1 and out == ""
+        assert_one_line_error(err, "data after the end of the sum stream")
+
+    def test_wrong_key_and_another_size_refused(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        sums = case.sums()
+        code, out, err = run_main(["verify", "--key", "ab" * 32, "-i", sums, case.mirror], capsys)
+        assert (code, out) == (1, "")
+        assert_one_line_error(err, "another key")
+        other = write(tmp_path / "other", case.data + bytes(SUM_BLOCK))
+        assert era_tool.main(["sum", "--key", SUM_KEY.hex(), "-o", str(tmp_path / "o.sums"),
+                              str(SUM_BLOCK_SECTORS), other]) == 0
+        code, out, err = case.verify(capsys, sums=str(tmp_path / "o.sums"))
+        assert (code, out) == (1, "")
+        assert_one_line_error(err, "a device of %d bytes" % (len(case.data) + SUM_BLOCK),
+                              "records a source of %d" % len(case.data))
+        code, out, err = run_main(["verify", "-i", case.source, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "not an era_tool sum stream")
+
+    @pytest.mark.parametrize("field, value, message", [
+        ("begin", 40, "blocks 40 to 40"), ("end", 41, "blocks 0 to 41"),
+        ("hash", b"md4", "hash 'md4'"), ("digest_size", 0, "digest size 0"),
+        ("block_size", 12, "block size 12"), ("flags", 2, "unknown flags"),
+        ("since_era", 3, "since-era without a changed list"),
+        ("device_size", 1 << 62, "device size")])
+    def test_hostile_headers_with_valid_checksums(self, tmp_path, capsys, field, value, message):
+        case = SumCase(tmp_path)
+        good = read(case.sums())
+        names = ("magic", "version", "flags", "device_size", "block_size", "begin", "end",
+                 "since_era", "hash", "digest_size", "key_length")
+        fields = dict(zip(names, struct.unpack_from("<8sHHQIIII16sBB", good)))
+        fields[field] = value
+        head = struct.pack("<8sHHQIIII16sBB", *[fields[n] for n in names]) + SUM_KEY
+        size = struct.calcsize("<8sHHQIIII16sBB") + 32 + 4
+        hostile = head + struct.pack("<I", zlib.crc32(head)) + good[size:]
+        code, out, err = case.verify(capsys, sums=write(tmp_path / "h.sums", hostile))
+        assert (code, out) == (1, "")
+        assert_one_line_error(err, "bad sum header", message)
+
+    def test_a_repair_applies_only_at_the_era_it_keeps(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        xml = write(tmp_path / "d.xml", blocks_xml([(3, 4)]))
+        repair = str(tmp_path / "r.era")
+        assert era_tool.main(["copy", "--repair", "--era", "4", "--source-id", "h:root", "-i",
+                              xml, "-o", repair, str(SUM_BLOCK_SECTORS), case.source]) == 0
+        code, _, err = run_main(["apply", "-i", repair, case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "repair stream is for the mirror at era 4",
+                              "at era 5")
+        result = run_cli(["copy", "--repair", "-i", xml, str(SUM_BLOCK_SECTORS), case.source])
+        assert result.returncode == 2 and b"needs --era" in result.stderr
+        # Crafted: the repair flag on a full copy, with a valid header checksum.
+        crafted = bytearray(read(repair))
+        flags = struct.unpack_from("<H", crafted, 10)[0]
+        assert flags & era_tool.FLAG_REPAIR
+        struct.pack_into("<H", crafted, 10, flags | era_tool.FLAG_FULL)
+        size = len(era_tool.StreamHeader.read(_BytesInput(read(repair))).raw)
+        struct.pack_into("<I", crafted, size - 4, zlib.crc32(bytes(crafted[:size - 4])))
+        code, _, err = run_main(["apply", "--force", "-i", write(tmp_path / "c.era",
+                                                                 bytes(crafted)),
+                                 case.mirror], capsys)
+        assert code == 1
+        assert_one_line_error(err, "a repair names the one era it keeps")
+
+    def test_large_blocks_are_read_whole(self, tmp_path, capsys):
+        # 8 MiB blocks, larger than copy's 4 MiB reads: one read a block.
+        data = random_bytes(2 * (8 << 20) + 4096, 143)
+        source = write(tmp_path / "dev", data)
+        mirror = bytearray(data)
+        mirror[(8 << 20) + 5] ^= 1
+        mirror = write(tmp_path / "m", bytes(mirror))
+        sums = str(tmp_path / "s")
+        assert era_tool.main(["sum", "--key", SUM_KEY.hex(), "-o", sums, "16384", source]) == 0
+        assert read(sums) == expected_sums(data, 8 << 20, SUM_KEY)
+        code, out, _ = run_main(["verify", "-i", sums, mirror], capsys)
+        assert code == 3 and xml_blocks(out) == [1]
+
+
 def pyenv_root():
     """Where pyenv keeps its interpreters, as `pyenv root` says, without running it."""
     return os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
