@@ -1209,6 +1209,45 @@ def read_changed_blocks(path, since_era, snapshot=True, direct=None):
     return ChangedBlocks(sb, sb.location if snapshot else 0, runs)
 
 
+def dm_name(path):
+    """The device-mapper name of the block device at path, or None (a file, a disk)."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISBLK(info.st_mode):
+            return None
+        with open("/sys/dev/block/%d:%d/dm/name" % (os.major(info.st_rdev),
+                                                     os.minor(info.st_rdev))) as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeError):
+        return None
+
+
+def dm_message(name, message):
+    """Send a message to a device-mapper target (dmsetup message NAME 0 MESSAGE)."""
+    import subprocess
+    try:
+        result = subprocess.run(["dmsetup", "message", name, "0", message],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise EraError("cannot run dmsetup (%s) to send %s to %s"
+                       % (exc.strerror or exc, message, name)) from None
+    if result.returncode:
+        words = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise EraError("dmsetup message %s 0 %s failed: %s"
+                       % (name, message, shown(words[-1] if words else "exit status %d"
+                                               % result.returncode)))
+
+
+def take_metadata_snapshot(name):
+    """A fresh metadata snapshot of the era device `name`, in place of any held one."""
+    try:
+        dm_message(name, "drop_metadata_snap")
+    except EraError:
+        pass                      # none was held
+    dm_message(name, "take_metadata_snap")
+
+
 def iter_blocks_xml(ranges):
     """Yield the lines of era_invalidate's (thin-provisioning-tools 0.9) output."""
     yield "<blocks>\n"
@@ -4433,8 +4472,10 @@ def add_sum_parser(commands):
                       help="only blocks BEGIN to END-1: a large device a part at a time")
     sum_.add_argument("--metadata", metavar="META_DEV",
                       help="also send the blocks written since --since, from the dm-era "
-                           "metadata snapshot read after the data: verify tells those changes "
-                           "from divergence")
+                           "metadata: verify tells those changes from divergence. On an era "
+                           "device sum takes a metadata snapshot before the read and another "
+                           "after it (dmsetup message), so that writes during the read count "
+                           "as changes, and drops it at the end")
     sum_.add_argument("--since", type=_era, metavar="ERA",
                       help="with --metadata: the mirror's era (its state's \"era\")")
     sum_.add_argument("--live", action="store_true",
@@ -4464,14 +4505,33 @@ def cmd_sum(args):
     refuse_same_files(inputs, [("the sums %s" % (args.output or "on standard output"),
                                 args.output)])
 
+    # On an era device, sum takes the snapshots itself: one before the read, one after
+    # it, so that the writes that land while it reads are in the changed list too.
+    era_device = dm_name(args.device) if args.metadata is not None and not args.live \
+        else None
+
     def changed():
+        if era_device is not None:
+            take_metadata_snapshot(era_device)
         blocks = read_changed_blocks(args.metadata, args.since, snapshot=not args.live)
         if blocks.block_size != args.block_size:
             raise EraError("BLOCK_SIZE %d differs from the block size in %s (%d sectors)"
                            % (args.block_size, args.metadata, blocks.block_size))
         return blocks
-    if args.metadata is not None:
-        changed()                 # a wrong block size or metadata fails before the long read
+    try:
+        if args.metadata is not None:
+            changed()             # a wrong block size or metadata fails before the long read
+        _sum(args, changed if args.metadata is not None else None)
+    finally:
+        if era_device is not None:
+            try:
+                dm_message(era_device, "drop_metadata_snap")
+            except EraError:
+                pass              # never taken: the first message failed
+    return 0
+
+
+def _sum(args, changed):
     source = Source(args.device, warn)
     try:
         block_bytes = args.block_size * SECTOR
@@ -4488,8 +4548,7 @@ def cmd_sum(args):
         try:
             total = min(end * block_bytes, source.size) - begin * block_bytes
             progress = Progress(args.progress, "hashed", total)
-            done = sum_device(source, header, output, progress,
-                              changed if args.metadata is not None else None)
+            done = sum_device(source, header, output, progress, changed)
             output.finish()
             progress.finish(done)
             failed = False
@@ -4497,7 +4556,6 @@ def cmd_sum(args):
             output.close(failed)
     finally:
         source.close()
-    return 0
 
 
 VERIFY_EPILOG = """\

@@ -5603,11 +5603,13 @@ def full_pass(name, node, mirror, source_id):
 
 
 class DirectWriter(threading.Thread):
-    """Writes random data at random 4 KiB-aligned places of a device (O_DIRECT) until stopped."""
+    """Writes random data at random 4 KiB-aligned places of a device (O_DIRECT) until stopped:
+    within its first `size` bytes, or `size` bytes from `base`."""
 
-    def __init__(self, path, size, seed):
+    def __init__(self, path, size, seed, base=0):
         super().__init__(daemon=True)
         self.path, self.size, self.rng = path, size, random.Random(seed)
+        self.base = base
         self.writes = 0
         self.error = None
         self.halt = threading.Event()
@@ -5618,7 +5620,7 @@ class DirectWriter(threading.Thread):
         try:
             while not self.halt.is_set():
                 length = self.rng.choice((4096, 16384, ERA_BYTES))
-                offset = self.rng.randrange((self.size - length) // 4096 + 1) * 4096
+                offset = self.base + self.rng.randrange((self.size - length) // 4096 + 1) * 4096
                 buf[:length] = os.urandom(length)
                 assert os.pwrite(fd, memoryview(buf)[:length], offset) == length
                 self.writes += 1
@@ -5782,6 +5784,53 @@ class TestDmEraCopy:
         apply = tool("apply", "--undo", undo, tmp_path / "m2.img", input=partial.stdout)
         assert apply.returncode == 1, apply.stderr
         assert read_file(tmp_path / "m2.img") == junk
+
+
+@needs_dm_era
+class TestDmEraVerify:
+    SIZE = 16 * MiB
+
+    def test_writes_behind_dm_eras_back_are_found_and_repaired(self, dm, tmp_path):
+        name, node = dm.era(self.SIZE)
+        write_direct(node, 0, os.urandom(self.SIZE))
+        mirror = tmp_path / "mirror.img"
+        era = full_pass(name, node, mirror, "vm:verify")
+        # Behind dm-era's back, straight onto the disk under it (as an fsck of the raw
+        # partition would): blocks of the first half, which dm-era never hears of.
+        behind = [3, 17, 18, 60]
+        for block in behind:
+            write_direct(dm.data, block * ERA_BYTES + 4096, os.urandom(4096))
+        half = self.SIZE // 2
+        writer = DirectWriter(node, half, seed=11, base=half)   # through dm-era: changes
+        writer.start()
+        key = os.urandom(32).hex()
+        try:
+            before = writer.writes
+            sums = tool("sum", "--key", key, "--metadata", dm.meta, "--since", era,
+                        "-o", tmp_path / "sums", ERA_SECTORS, node)
+            assert sums.returncode == 0 and sums.stderr == b"", sums.stderr
+            during = writer.writes - before
+            assert era_status(name)[1] == "-", "sum left its metadata snapshot held"
+            result = tool("verify", "--key", key, "--json", "-i", tmp_path / "sums", mirror)
+            assert result.returncode == 3, result.stderr
+            verdict = json.loads(result.stdout)
+            assert verdict["diverged_ranges"] == [[3, 4], [17, 19], [60, 61]], verdict
+            assert verdict["changed"] > 0
+            listing = tool("verify", "--key", key, "-i", tmp_path / "sums", mirror).stdout
+            repair = tool("copy", "--repair", "--era", era, "--source-id", "vm:verify",
+                          ERA_SECTORS, node, input=listing)
+            assert repair.returncode == 0, repair.stderr
+            applied = tool("apply", mirror, input=repair.stdout)
+            assert applied.returncode == 0, applied.stderr
+            assert mirror_state(mirror)["era"] == era
+        finally:
+            writer.stop()
+        assert during > 0, "the writer did not write while sum read"
+        # The next incremental brings the changes; then the mirror is the device.
+        era_pass(name, node, dm.meta, mirror, era, "vm:verify")
+        truth = read_direct(node, 0, self.SIZE)
+        image = read_file(mirror)
+        assert image == truth, diff_offsets(image, truth)
 
 
 @needs_dm_era
