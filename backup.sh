@@ -22,20 +22,27 @@
 #   COMPRESS         gzip, zstd, lz4, xz or none (default: gzip)
 #   KEEP_UNDO        keep undo files of the last N passes beside the mirror, dated (default: 0, none); with
 #                    N >= 1 every pass is all-or-nothing, and older versions can be stepped back to
+#   VERIFY           after the backup, compare the mirror with HOST's device block by block (era_tool sum |
+#                    verify: only digests cross) and repair what diverged: ALWAYS (every run), N (every N-th
+#                    run) or 0 (never; the default)
+#   VERIFY_SLICE     K: each verify covers the next 1/K of the device, where the last one stopped (default: 1,
+#                    all of it), so that a large mirror is verified whole every K verifying runs
 #
 # HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze and flock: era_tool reads the dm-era metadata
 # itself. With MOUNTPOINT, /run/era_tool-backup.DEV on HOST (DEV: the filesystem's device number) records whose
 # freeze is in effect.
 # The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
 # recorded by `era_tool.py apply` only after the data is on disk. Exit 0: the mirror is complete and, with
-# MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
+# MOUNTPOINT, consistent (copied under fsfreeze); its state is durable. Exit 3: the same, after a verify found
+# blocks that had diverged from HOST's device (written behind dm-era's back, or rotted here) and repaired them.
+# $DIR/$FILE.verify counts the runs and remembers the next slice to verify.
 set -euo pipefail
 
 log() { printf '%s backup.sh: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 settings="HOST SSH ERA_DEVICE DATA_DEVICE METADATA_DEVICE GRANULARITY MOUNTPOINT FREEZE_LIMIT FREEZE_TIMEOUT
-DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO"
+DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO VERIFY VERIFY_SLICE"
 
 load_settings() {
     local line key value lineno=0
@@ -73,12 +80,16 @@ TOOL=${TOOL:-$(dirname "$(readlink -f "$0")")/era_tool.py}
 MAX_PASSES=${MAX_PASSES:-5}
 COMPRESS=${COMPRESS:-gzip}
 KEEP_UNDO=${KEEP_UNDO:-0}
+VERIFY=${VERIFY:-0}
+VERIFY_SLICE=${VERIFY_SLICE:-1}
 
-for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES KEEP_UNDO; do
+for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES KEEP_UNDO VERIFY_SLICE; do
     [[ ${!number} =~ ^[0-9]+$ ]] || die "$number must be a whole number, not '${!number}'"
 done
 [ -z "$GRANULARITY" ] || [[ $GRANULARITY =~ ^[0-9]+$ ]] || die "GRANULARITY must be a number of sectors"
 [ "$MAX_PASSES" -ge 1 ] || die "MAX_PASSES must be at least 1"
+[ "$VERIFY" = ALWAYS ] || [[ $VERIFY =~ ^[0-9]+$ ]] || die "VERIFY must be ALWAYS, a number of runs or 0, not '$VERIFY'"
+[ "$VERIFY_SLICE" -ge 1 ] || die "VERIFY_SLICE must be at least 1"
 [ -r "$TOOL" ] || die "cannot read TOOL $TOOL"
 [ -d "$DIR" ] || die "DIR $DIR is not a directory"
 case $COMPRESS in
@@ -136,7 +147,16 @@ trap cleanup EXIT
 trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
-cat > "\$d/era_tool.py"
+# Exactly the tool's bytes: what follows on standard input (a block list) is the script's.
+python3 -c 'import os, sys
+left = int(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+    while left:
+        piece = os.read(0, min(left, 1 << 16))
+        if not piece:
+            sys.exit("backup.sh (remote): era_tool.py arrived cut short")
+        f.write(piece)
+        left -= len(piece)' $(wc -c < "$TOOL") "\$d/era_tool.py"
 [ -n "\$G" ] || G=\$(dmsetup table "\$ERA" | awk '{ print \$NF }')
 # A snapshot left by a run that died is stale: drop it (an error only means there was none).
 dmsetup message "\$ERA" 0 drop_metadata_snap 2>/dev/null || true
@@ -150,9 +170,10 @@ snapshot() {
 EOF
 }
 
-# Run a remote script; era_tool.py goes over the same connection, on its standard input.
+# Run a remote script; era_tool.py goes over the same connection, on its standard input, followed by the
+# file $1 if given (the script reads it from its standard input).
 remote() {
-    "${ssh_command[@]}" "$HOST" "$(remote_prelude; cat)" < "$TOOL"
+    "${ssh_command[@]}" "$HOST" "$(remote_prelude; cat)" < <(cat "$TOOL" ${1:+"$1"})
 }
 
 # Prints "ERA BYTES": take a snapshot and estimate the changes since era $1. The list comes from the
@@ -263,7 +284,7 @@ exec 9>>"$mirror.lock"
 flock -n 9 || die "another backup.sh is running for $mirror"
 on_exit() {
     local rc=$? era
-    [ "$rc" = 0 ] && return
+    case $rc in 0|3) return ;; esac
     era=$(mirror_era 2>/dev/null) || era='?'
     if [ -n "$era" ]; then
         log "failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
@@ -315,3 +336,64 @@ while :; do
     era=$(mirror_era)
 done
 log "done: $mirror holds $SOURCE_ID at era $(mirror_era)"
+
+# ---- verify: the mirror compared with the device, block by block, and repaired
+
+# Writes the sum stream of blocks $2 to $3 (end excluded) with key $4; the changes since era $1 (the mirror's)
+# are listed in it. sum takes the metadata snapshots itself, one before and one after its read.
+remote_sum() {
+    remote <<EOF
+python3 "\$d/era_tool.py" sum --key $(q "$4") --metadata "\$META" --since $(q "$1") --range $(q "$2:$3") "\$G" "\$DATA"
+EOF
+}
+
+# Writes a repair stream of the blocks listed in the XML file $2, for the mirror at era $1.
+remote_repair() {
+    remote "$2" <<EOF
+exec 3>&1
+status=\$( { { rc=0; python3 "\$d/era_tool.py" copy --repair --era $(q "$1") --source-id $(q "$SOURCE_ID") "\$G" "\$DATA" || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )
+exec 3>&-
+[ "\$status" = 0 ] || { echo "backup.sh (remote): copy --repair failed (exit \$status)" >&2; exit 1; }
+EOF
+}
+
+verify_file=$mirror.verify
+runs=0 slice=0
+if [ -s "$verify_file" ]; then
+    read -r runs slice < "$verify_file" || true
+    [[ $runs =~ ^[0-9]+$ && $slice =~ ^[0-9]+$ ]] || { log "$verify_file is damaged: counting from 0 again"; runs=0 slice=0; }
+fi
+runs=$((runs + 1))
+due=0
+case $VERIFY in
+    ALWAYS) due=1 ;;
+    0) ;;
+    *) [ $((runs % VERIFY)) -ne 0 ] || due=1 ;;
+esac
+[ "$slice" -lt "$VERIFY_SLICE" ] || slice=0   # VERIFY_SLICE was lowered since
+if [ "$due" = 0 ]; then
+    [ "$VERIFY" = 0 ] || printf '%s %s\n' "$runs" "$slice" > "$verify_file"
+    exit 0
+fi
+era=$(mirror_era)
+read -r size block_size < <(python3 "$TOOL" info --json "$mirror" | python3 -c 'import json, sys; s = json.load(sys.stdin); print(s["source_size"], s["block_size"])')
+blocks=$(( (size + block_size * 512 - 1) / (block_size * 512) ))
+begin=$((blocks * slice / VERIFY_SLICE)) end=$((blocks * (slice + 1) / VERIFY_SLICE))
+key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+diverged=$mirror.diverged.xml
+started=$SECONDS count=0
+if [ "$begin" -lt "$end" ]; then
+    rc=0
+    remote_sum "$era" "$begin" "$end" "$key" | python3 "$TOOL" verify --key "$key" -o "$diverged" "$mirror" || rc=$?
+    case $rc in
+        0) log "verify of blocks $begin-$((end - 1)) of $blocks (slice $((slice + 1)) of $VERIFY_SLICE) done in $((SECONDS - started)) s: identical" ;;
+        3) count=$(python3 "$TOOL" copy --json 8 < "$diverged" | python3 -c 'import json, sys; print(json.load(sys.stdin)["blocks"])')
+           log "verify of blocks $begin-$((end - 1)) of $blocks: $count blocks diverged from $HOST:$DATA_DEVICE (written behind dm-era's back, or damaged here): repairing them"
+           remote_repair "$era" "$diverged" | $unpack | python3 "$TOOL" apply "$mirror"
+           log "repaired $count blocks in $((SECONDS - started)) s; $mirror stays at era $(mirror_era)" ;;
+        *) die "verify of $mirror failed (exit $rc)" ;;
+    esac
+fi
+rm -f -- "$diverged"
+printf '%s %s\n' "$runs" "$(( (slice + 1) % VERIFY_SLICE ))" > "$verify_file"
+[ "$count" = 0 ] || exit 3

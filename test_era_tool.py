@@ -3516,6 +3516,24 @@ class Matrix:
             self.keep(name + " mirror", target)
             assert json.loads(self.keep(name + " state", target + ".era").decode())["era"] == 5
             self.tool("info " + name, "info", "-i", damaged, code=1)
+        # sum and verify: the same digests and the same verdicts (but for the time taken).
+        key = "ab" * 32
+        self.tool("sum", "sum", "--key", key, "-o", w / "s.sums", bs, source)
+        self.keep("sums", w / "s.sums")
+        self.tool("sum --metadata", "sum", "--key", key, "--hash", "blake2b", "--metadata",
+                  self.meta, "--since", 8, "--live", "-o", w / "m.sums", bs, source)
+        self.keep("sums --metadata", w / "m.sums")
+        for name, sums, target, code in (("verify", "s.sums", piped, 0),
+                                         ("verify older", "s.sums", undone, 3),
+                                         ("verify --metadata", "m.sums", undone, 3)):
+            result = subprocess.run(
+                [self.python, "-W", "error", "-c", PINNED_RUNNER, TOOL, "verify", "--json",
+                 "--key", key, "-i", str(w / sums), target],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            assert (result.returncode, result.stderr) == (code, b""), (name, result.stderr)
+            verdict = json.loads(result.stdout.decode())
+            del verdict["seconds"]
+            self.results[name] = json.dumps(verdict, sort_keys=True).encode()
         # The original format: written by copy, read by apply.
         self.tool("copy --format legacy", "copy", "--format", "legacy", "-i", xml,
                   "-o", w / "legacy.bin", bs, source)
@@ -5788,44 +5806,65 @@ class TestDmEraCopy:
 
 @needs_dm_era
 class TestDmEraVerify:
-    SIZE = 16 * MiB
+    SIZE = 64 * MiB
 
     def test_writes_behind_dm_eras_back_are_found_and_repaired(self, dm, tmp_path):
         name, node = dm.era(self.SIZE)
         write_direct(node, 0, os.urandom(self.SIZE))
         mirror = tmp_path / "mirror.img"
         era = full_pass(name, node, mirror, "vm:verify")
+        blocks = self.SIZE // ERA_BYTES
         # Behind dm-era's back, straight onto the disk under it (as an fsck of the raw
         # partition would): blocks of the first half, which dm-era never hears of.
         behind = [3, 17, 18, 60]
         for block in behind:
             write_direct(dm.data, block * ERA_BYTES + 4096, os.urandom(4096))
-        half = self.SIZE // 2
-        writer = DirectWriter(node, half, seed=11, base=half)   # through dm-era: changes
+        # Through dm-era, once sum holds its first snapshot: the last blocks first (sum
+        # reads them last), then anywhere in the second half. Only the snapshot sum takes
+        # after its read knows of these writes: changes, not divergence.
+        started = threading.Event()
+        halt = threading.Event()
+        errors = []
+
+        def write_during_the_read():
+            try:
+                while not halt.is_set() and era_status(name)[1] == "-":
+                    time.sleep(0.01)
+                started.set()
+                rng = random.Random(12)
+                order = list(range(blocks - 1, blocks - 17, -1))
+                while not halt.is_set():
+                    block = order.pop(0) if order else rng.randrange(blocks // 2, blocks)
+                    write_direct(node, block * ERA_BYTES + 8192, os.urandom(4096))
+                    time.sleep(0.005)
+            except Exception as exc:
+                errors.append(exc)
+        writer = threading.Thread(target=write_during_the_read, daemon=True)
         writer.start()
         key = os.urandom(32).hex()
         try:
-            before = writer.writes
             sums = tool("sum", "--key", key, "--metadata", dm.meta, "--since", era,
                         "-o", tmp_path / "sums", ERA_SECTORS, node)
-            assert sums.returncode == 0 and sums.stderr == b"", sums.stderr
-            during = writer.writes - before
-            assert era_status(name)[1] == "-", "sum left its metadata snapshot held"
-            result = tool("verify", "--key", key, "--json", "-i", tmp_path / "sums", mirror)
-            assert result.returncode == 3, result.stderr
-            verdict = json.loads(result.stdout)
-            assert verdict["diverged_ranges"] == [[3, 4], [17, 19], [60, 61]], verdict
-            assert verdict["changed"] > 0
-            listing = tool("verify", "--key", key, "-i", tmp_path / "sums", mirror).stdout
-            repair = tool("copy", "--repair", "--era", era, "--source-id", "vm:verify",
-                          ERA_SECTORS, node, input=listing)
-            assert repair.returncode == 0, repair.stderr
-            applied = tool("apply", mirror, input=repair.stdout)
-            assert applied.returncode == 0, applied.stderr
-            assert mirror_state(mirror)["era"] == era
         finally:
-            writer.stop()
-        assert during > 0, "the writer did not write while sum read"
+            halt.set()
+            writer.join(60)
+        assert sums.returncode == 0 and sums.stderr == b"", sums.stderr
+        assert started.is_set() and not errors, errors
+        assert era_status(name)[1] == "-", "sum left its metadata snapshot held"
+        result = tool("verify", "--key", key, "--json", "-i", tmp_path / "sums", mirror)
+        assert result.returncode == 3, result.stderr
+        verdict = json.loads(result.stdout)
+        assert verdict["diverged_ranges"] == [[3, 4], [17, 19], [60, 61]], verdict
+        # Some writes landed before sum read their blocks: with no second snapshot, these
+        # would be reported as divergence.
+        assert verdict["changed"] > 0, verdict
+        listing = tool("verify", "--key", key, "-i", tmp_path / "sums", mirror).stdout
+        repair = tool("copy", "--repair", "--era", era, "--source-id", "vm:verify",
+                      ERA_SECTORS, node, input=listing)
+        assert repair.returncode == 0, repair.stderr
+        applied = tool("apply", mirror, input=repair.stdout)
+        assert applied.returncode == 0, applied.stderr
+        assert mirror_state(mirror)["era"] == era
         # The next incremental brings the changes; then the mirror is the device.
         era_pass(name, node, dm.meta, mirror, era, "vm:verify")
         truth = read_direct(node, 0, self.SIZE)
@@ -6126,6 +6165,31 @@ class TestDmEraBackupScript:
         assert mirror_state(rig.mirror)["era"] == era
         assert snap == "-", "backup.sh left a metadata snapshot"
 
+    def test_verify_finds_and_repairs_writes_behind_dm_eras_back(self, rig):
+        unmount(rig.mnt)                  # the writes below would puzzle a mounted ext4
+        assert rig.run(MOUNTPOINT="").returncode == 0
+        # Behind dm-era's back: onto the disk under it, one block in each half.
+        blocks = self.SIZE // ERA_BYTES
+        for block in (5, blocks - 3):
+            write_direct(rig.dm.data, block * ERA_BYTES, os.urandom(4096))
+        found = rig.run(MOUNTPOINT="", VERIFY="ALWAYS")
+        assert found.returncode == 3, found.stderr
+        assert "2 blocks diverged" in found.stderr and "repaired 2 blocks" in found.stderr
+        truth = read_direct(rig.node, 0, self.SIZE)
+        image = read_file(rig.mirror)
+        assert image == truth, diff_offsets(image, truth)
+        assert era_status(rig.name)[1] == "-", "a metadata snapshot was left held"
+        # Every second run verifies, each time the next half: this second run of the count
+        # verifies the second half, where the block is; the next run verifies nothing.
+        write_direct(rig.dm.data, (blocks - 3) * ERA_BYTES, os.urandom(4096))
+        settings = dict(MOUNTPOINT="", VERIFY="2", VERIFY_SLICE="2")
+        results = [rig.run(**settings) for _ in range(2)]
+        assert [r.returncode for r in results] == [3, 0], [r.stderr for r in results]
+        assert "verify of blocks %d-%d of %d: 1 blocks diverged" % (
+            blocks // 2, blocks - 1, blocks) in results[0].stderr
+        assert "verify of blocks" not in results[1].stderr
+        assert read_file(rig.mirror) == read_direct(rig.node, 0, self.SIZE)
+
     def test_copy_killed_while_frozen(self, rig):
         assert rig.run().returncode == 0
         state = read_file(rig.state)
@@ -6358,7 +6422,7 @@ class Rig:
     def env(self):
         names = ("HOST", "SSH", "ERA_DEVICE", "DATA_DEVICE", "METADATA_DEVICE", "GRANULARITY",
                  "MOUNTPOINT", "FREEZE_LIMIT", "FREEZE_TIMEOUT", "DIR", "FILE", "SOURCE_ID",
-                 "TOOL", "MAX_PASSES", "COMPRESS", "KEEP_UNDO")
+                 "TOOL", "MAX_PASSES", "COMPRESS", "KEEP_UNDO", "VERIFY", "VERIFY_SLICE")
         return {k: v for k, v in os.environ.items() if k not in names}
 
     def run(self, **override):
