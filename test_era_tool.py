@@ -6179,15 +6179,18 @@ class TestDmEraBackupScript:
         image = read_file(rig.mirror)
         assert image == truth, diff_offsets(image, truth)
         assert era_status(rig.name)[1] == "-", "a metadata snapshot was left held"
-        # Every second run verifies, each time the next half: this second run of the count
-        # verifies the second half, where the block is; the next run verifies nothing.
-        write_direct(rig.dm.data, (blocks - 3) * ERA_BYTES, os.urandom(4096))
+        # Every second run verifies, each time the next half: the second run of the count
+        # verifies the first half, the fourth the second half; a block in each diverged.
+        for block in (5, blocks - 3):
+            write_direct(rig.dm.data, block * ERA_BYTES + 8192, os.urandom(4096))
         settings = dict(MOUNTPOINT="", VERIFY="2", VERIFY_SLICE="2")
-        results = [rig.run(**settings) for _ in range(2)]
-        assert [r.returncode for r in results] == [3, 0], [r.stderr for r in results]
-        assert "verify of blocks %d-%d of %d: 1 blocks diverged" % (
-            blocks // 2, blocks - 1, blocks) in results[0].stderr
+        results = [rig.run(**settings) for _ in range(3)]
+        assert [r.returncode for r in results] == [3, 0, 3], [r.stderr for r in results]
+        assert "verify of blocks 0-%d of %d: 1 blocks diverged" % (
+            blocks // 2 - 1, blocks) in results[0].stderr
         assert "verify of blocks" not in results[1].stderr
+        assert "verify of blocks %d-%d of %d: 1 blocks diverged" % (
+            blocks // 2, blocks - 1, blocks) in results[2].stderr
         assert read_file(rig.mirror) == read_direct(rig.node, 0, self.SIZE)
 
     def test_copy_killed_while_frozen(self, rig):
