@@ -4605,10 +4605,14 @@ def add_verify_parser(commands):
 def cmd_verify(args):
     if args.json and sys.stdout is None or args.output is None and sys.stdout is None:
         raise EraError("standard output is closed: nowhere to print the result")
+    state_path = MirrorState.path_for(args.mirror, args.state)
+    # The mirror and its state are not written, but a list written over either would be
+    # the end of them.
     refuse_same_files([("the sums %s" % (args.input or "on standard input"), args.input)],
                       [("MIRROR %s" % args.mirror, args.mirror)] +
+                      ([("its state file %s" % state_path, state_path)] if state_path else []) +
                       ([("the list %s" % args.output, args.output)] if args.output else []))
-    state = MirrorState.load(MirrorState.path_for(args.mirror, args.state))
+    state = MirrorState.load(state_path)
     inp = Input(args.input, "sums", "pipe 'era_tool.py sum' in, or use -i FILE")
     try:
         header = SumHeader.read(inp)

@@ -3277,6 +3277,17 @@ class TestSumVerify:
         assert code == 1
         assert_one_line_error(err, "not an era_tool sum stream")
 
+    def test_the_list_never_lands_on_the_mirror_or_its_state(self, tmp_path, capsys):
+        case = SumCase(tmp_path)
+        sums = case.sums()
+        os.symlink(case.mirror + ".era", str(tmp_path / "link"))
+        before = read(case.mirror), read(case.mirror + ".era")
+        for target in (case.mirror, case.mirror + ".era", str(tmp_path / "link"), sums):
+            code, out, err = run_main(["verify", "-i", sums, "-o", target, case.mirror], capsys)
+            assert (code, out) == (1, ""), target
+            assert_one_line_error(err, "are the same file")
+        assert (read(case.mirror), read(case.mirror + ".era")) == before
+
     @pytest.mark.parametrize("field, value, message", [
         ("begin", 40, "blocks 40 to 40"), ("end", 41, "blocks 0 to 41"),
         ("hash", b"md4", "hash 'md4'"), ("digest_size", 0, "digest size 0"),
