@@ -32,9 +32,11 @@
 # itself. With MOUNTPOINT, /run/era_tool-backup.DEV on HOST (DEV: the filesystem's device number) records whose
 # freeze is in effect.
 # The first run (no state beside the mirror) makes a full copy; every run ends with the mirror at a known era,
-# recorded by `era_tool.py apply` only after the data is on disk. Exit 0: the mirror is complete and, with
-# MOUNTPOINT, consistent (copied under fsfreeze); its state is durable. Exit 3: the same, after a verify found
-# blocks that had diverged from HOST's device (written behind dm-era's back, or rotted here) and repaired them.
+# recorded by `era_tool.py apply` only after the data is on disk. A pass cut short (without KEEP_UNDO, or the
+# first full copy) is resumed by the next run: the rest of it, and everything written since its snapshot.
+# Exit 0: the mirror is complete and, with MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
+# Exit 3: the same, after a verify found blocks that had diverged from HOST's device (written behind dm-era's
+# back, or rotted here) and repaired them.
 # $DIR/$FILE.verify counts the runs and remembers the next slice to verify.
 set -euo pipefail
 
@@ -186,9 +188,10 @@ echo "\$era \$bytes"
 EOF
 }
 
-# Writes the stream of one pass to standard output: kind full | incremental | frozen, since era $2.
+# Writes the stream of one pass to standard output: kind full | incremental | frozen, since era $2; or kind
+# resume, of the token $2 (of a full copy if $3 is full).
 remote_copy() {
-    local kind=$1 since=${2:-}
+    local kind=$1 since=${2:-} whole=${3:-}
     remote <<EOF
 freeze=$(q "$([ "$kind" = frozen ] && echo 1 || echo 0)")
 if [ "\$freeze" = 1 ]; then
@@ -220,6 +223,10 @@ snapshot
 copy() {
     if [ $(q "$kind") = full ]; then
         python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+    elif [ $(q "$kind") = resume ]; then
+        # The rest of the interrupted pass, and everything written since its snapshot, from this new one.
+        python3 "\$d/era_tool.py" copy --resume $(q "$since") $([ "$whole" = full ] && echo --full) \
+            --metadata "\$META" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
     else
         # Block list, since-era and era (the snapshot's) straight from the metadata snapshot.
         python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$since") \
@@ -265,14 +272,26 @@ undo_files() {
     return 0
 }
 
+# The interrupted apply the mirror's state records, as "TOKEN full|incremental BYTES_LEFT"; empty when none.
+mirror_resume() {
+    [ -e "$mirror" ] || return 0
+    python3 "$TOOL" info --json "$mirror" | python3 -c 'import json, sys
+s = json.load(sys.stdin)
+r = s.get("interrupted")
+if r and s.get("resume_token"):
+    print(s["resume_token"], "full" if r["covers"][0][0] is None else "incremental", r["total_bytes"] - r["applied_bytes"])'
+}
+
 # One pass: copy | compress | ssh | decompress | apply. The mirror's era advances only if apply exits 0.
+# Without an undo file, apply records its progress as it goes, so a pass cut short is resumed by the next run.
 pass() {
-    local kind=$1 since=${2:-} started=$SECONDS undo=()
-    if [ "$KEEP_UNDO" -gt 0 ]; then
+    local kind=$1 since=${2:-} whole=${3:-} started=$SECONDS undo=()
+    # A mirror with no era yet holds no version to go back to: no undo file, and the first full copy stays resumable.
+    if [ "$KEEP_UNDO" -gt 0 ] && [ -n "$(mirror_era)" ]; then
         passes_run=$((passes_run + 1))
         undo=(--undo "$mirror.undo.$(date +%Y%m%d-%H%M%S).$(printf %03d "$passes_run").$kind")
     fi
-    remote_copy "$kind" "$since" | $unpack | python3 "$TOOL" apply "${undo[@]}" "$mirror"
+    remote_copy "$kind" "$since" "$whole" | $unpack | python3 "$TOOL" apply "${undo[@]}" "$mirror"
     log "$kind pass done in $((SECONDS - started)) s; mirror at era $(mirror_era)"
     if [ "$KEEP_UNDO" -gt 0 ]; then
         undo_files | head -n "-$KEEP_UNDO" | while IFS= read -r old; do rm -f -- "$old"; done
@@ -286,7 +305,9 @@ on_exit() {
     local rc=$? era
     case $rc in 0|3) return ;; esac
     era=$(mirror_era 2>/dev/null) || era='?'
-    if [ -n "$era" ]; then
+    if [ -n "$(mirror_resume 2>/dev/null)" ]; then
+        log "failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
+    elif [ -n "$era" ]; then
         log "failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
     else
         log "failed (exit $rc): $mirror has no recorded era yet; run again"
@@ -304,6 +325,14 @@ if [ -n "$last_undo" ] && ! python3 "$TOOL" info -i "$last_undo" >/dev/null 2>&1
     python3 "$TOOL" rollback "$last_undo" "$mirror" ||
         die "cannot roll back with $last_undo (the line above says why). If it says the apply completed, $mirror is whole: move $last_undo out of the way (mv -- '$last_undo' '$last_undo.damaged') and run again"
     rm -f -- "$last_undo"
+fi
+
+# A pass that stopped midway (the link dropped, this host rebooted) is resumed, not started over: the rest of it and
+# everything written since its snapshot (see README, "Resuming an interrupted copy").
+read -r token whole left < <(mirror_resume) || true
+if [ -n "${token:-}" ]; then
+    log "resuming the interrupted $whole pass: $left bytes of it left, and what changed since its snapshot"
+    pass resume "$token" "$whole"
 fi
 
 era=$(mirror_era)

@@ -40,7 +40,9 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
              flags        2  bit 0 since_era set, bit 1 era set, bit 2 full copy,
                              bit 3 undo file (old content an apply overwrote),
                              bit 4 target fields follow (undo files only),
-                             bit 5 previous_crc set (with bit 4)
+                             bit 5 previous_crc set (with bit 4),
+                             bit 6 a repair (with bits 0 and 1, since_era = era),
+                             bit 7 a resume (with bit 1; resume fields follow)
              device_size  8  bytes of the source device
              total_bytes  8  bytes covered by all chunks (data + zero)
              block_size   4  dm-era block size, 512-byte sectors
@@ -54,6 +56,14 @@ Stream format (all integers little-endian; CRC-32 is zlib.crc32):
              target_crc   4  with bit 4: header_crc of the stream applied
              previous_crc 4  with bit 4: the header_crc the state named before
                              (0 unless bit 5)
+             resumed_crc  4  with bit 7: header_crc of the stream whose apply
+                             stopped midway
+             chunk_crc    4  with bit 7: crc of the last chunk of it applied
+             resumed_off  8  with bit 7: the offset below which it was applied
+             layers       1  with bit 7: how many layers follow (1 .. 8)
+             layer       13  with bit 7, each: kind 1 (0: the blocks written in
+                             era `era` or later; 1: every block), era 4, and
+                             offset 8: the blocks carried from there on
              header_crc   4  CRC-32 of every header byte before it
     chunk    tag          4  b"DATA" (payload follows) or b"ZERO" (none)
              seq          4  chunk number, from 0
@@ -191,8 +201,9 @@ FLAG_UNDO = 8                     # an undo file: the old content an apply overw
 FLAG_TARGET = 16                  # an undo file that names its apply (target fields follow)
 FLAG_PREVIOUS = 32                # with FLAG_TARGET: previous_crc is set
 FLAG_REPAIR = 64                  # the blocks verify found diverged; the era stays
+FLAG_RESUME = 128                 # the rest of an interrupted apply (resume fields follow)
 KNOWN_FLAGS = (FLAG_SINCE_ERA | FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_TARGET | FLAG_PREVIOUS
-               | FLAG_REPAIR)
+               | FLAG_REPAIR | FLAG_RESUME)
 MAX_OFFSET = (1 << 63) - 1        # off_t is signed 64-bit: no device or offset beyond
 MAX_BLOCK_SIZE = (1 << 32) - 8    # block_size is a u32 of sectors, a multiple of 8
 MAX_NUMBER_DIGITS = 10            # a u32 has at most 10 decimal digits
@@ -216,6 +227,24 @@ TRAILER_FIELDS = struct.Struct("<4sIQQ")
 # complete, the header_crc of the stream that apply wrote, and the one the
 # mirror's state recorded before it (0 unless FLAG_PREVIOUS)
 TARGET = struct.Struct("<QII")
+# with FLAG_RESUME, after the source id: the header_crc of the stream whose
+# apply was interrupted, the crc of the last chunk it applied (it covers that
+# chunk's data: two streams with equal headers still differ here), the offset
+# below which that apply is complete, and how many layers follow.  A layer: its kind (LAYER_SINCE: the blocks written
+# in era `era` or later; LAYER_EVERY: every block), era, and the offset from
+# which the resume carries them.
+RESUME = struct.Struct("<IIQB")
+LAYER = struct.Struct("<BIQ")
+LAYER_SINCE = 0
+LAYER_EVERY = 1
+MAX_LAYERS = 8                    # more are merged (a superset: never a change skipped)
+CHECKPOINT_BYTES = 256 << 20      # apply records its progress after this much data...
+CHECKPOINT_SECONDS = 30           # ...or this long, whichever comes first
+# A resume token: version, layers, block_size, stream_crc, chunk_crc,
+# device_size, offset, CRC-32 of the source id; then the layers (LAYER), then
+# a CRC-32.
+TOKEN = struct.Struct("<BBxxIIIQQI")
+TOKEN_VERSION = 1
 
 # Sum streams (sum writes, verify reads): one keyed digest per dm-era block.
 SUM_MAGIC = b"\x89ERS\r\n\x1a\n"  # like MAGIC, and never taken for a stream
@@ -1694,18 +1723,21 @@ class Destination:
             except OSError:
                 pass
 
-    def restore_size(self):
-        """Undo a failed apply's growth: the file is as large as it was.
+    def restore_size(self, keep=0):
+        """Undo a failed apply's growth: the file is as large as it was (or, to keep
+        what its state records as applied, as `keep` bytes, if larger).
 
         A cut stream whose header claimed a larger device grew a 1 MiB mirror
         to 1 TiB, and the correct stream was then refused as too small.
         """
         if self.is_block:
             return
+        size = max(self.initial_size, keep)
         try:
-            if os.fstat(self.fd).st_size != self.initial_size:
-                os.ftruncate(self.fd, self.initial_size)
-                self.size = self.initial_size
+            # Growing to `keep` is right too: zero chunks past the old end were skipped.
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+                self.size = size
         except OSError:
             pass                      # the message says the file is partially updated
 
@@ -1971,13 +2003,133 @@ def chunk_crc(seed, fields, payload=None):
     return zlib.crc32(fields, seed if payload is None else zlib.crc32(payload, seed))
 
 
+def resume_layers(covers, offset, era):
+    """What a resume must carry once the apply of a stream stopped at `offset`.
+
+    A layer (era, offset) stands for the blocks written in era `era` or later
+    (era None: every block) that lie at `offset` or beyond.  The stream
+    carried the layers `covers` and was copied from a metadata snapshot that
+    began era `era`.  Below `offset` its data is applied; beyond it, not yet;
+    and anything written since its snapshot, below the offset too, has era
+    `era` or later.  So: each of its layers from max(its offset, `offset`),
+    and every block written since `era` from 0.  A layer inside another (a
+    later era, the same offset or beyond) is dropped; past MAX_LAYERS the two
+    widest are merged into one that holds both, never fewer blocks.
+    """
+    layers = sorted([(e, max(o, offset)) for e, o in covers] + [(era, 0)],
+                    key=lambda layer: (layer[0] is not None, layer[0] or 0, layer[1]))
+    kept = []
+    for layer in layers:
+        # Sorted widest first: a layer with no lower offset than one kept is inside it.
+        if not kept or layer[1] < kept[-1][1]:
+            kept.append(layer)
+    while len(kept) > MAX_LAYERS:
+        kept[0:2] = [(kept[0][0], kept[1][1])]
+    return tuple(kept)
+
+
+class Resume(collections.namedtuple("Resume", "crc chunk_crc offset layers")):
+    """What a resume stream continues: the header_crc of the stream whose apply
+    stopped, the crc of the last chunk applied, the offset below which that
+    apply is complete, and the layers it carries (see resume_layers)."""
+
+    def pack(self):
+        return RESUME.pack(self.crc, self.chunk_crc, self.offset, len(self.layers)) + b"".join(
+            LAYER.pack(LAYER_EVERY if era is None else LAYER_SINCE, era or 0, offset)
+            for era, offset in self.layers)
+
+    @classmethod
+    def unpack(cls, data, device_size):
+        crc, chunk_crc, offset, count = RESUME.unpack_from(data)
+        layers = []
+        for index in range(count):
+            kind, era, start = LAYER.unpack_from(data, RESUME.size + index * LAYER.size)
+            if kind not in (LAYER_SINCE, LAYER_EVERY) or start > device_size or \
+                    kind == LAYER_EVERY and era:
+                raise StreamError("damaged header: resume layer %d (kind %d, era %d, offset %d)"
+                                  % (index, kind, era, start))
+            layers.append((None if kind == LAYER_EVERY else era, start))
+        if offset > device_size:
+            raise StreamError("damaged header: resumes from offset %d of a %d-byte device"
+                              % (offset, device_size))
+        return cls(crc, chunk_crc, offset, tuple(layers))
+
+    def as_dict(self):
+        return {"stream_crc": self.crc, "chunk_crc": self.chunk_crc, "offset": self.offset,
+                "layers": [list(layer) for layer in self.layers]}
+
+
+def _source_crc(source_id):
+    return zlib.crc32(source_id.encode("utf-8", "surrogatepass"))
+
+
+class ResumeToken(collections.namedtuple(
+        "ResumeToken", "stream_crc chunk_crc device_size block_size source_crc offset layers")):
+    """What copy --resume needs from the mirror, as one printable word.
+
+    Base32 (lowercase, no padding: safe in a shell, a file name, a log) of
+    TOKEN, the layers and a CRC-32 of both, so that a mistyped token is refused
+    before any data moves.
+    """
+
+    @classmethod
+    def of(cls, interrupted):
+        """The token of a state's record of an interrupted apply."""
+        return cls(interrupted["stream_crc"], interrupted["chunk_crc"], interrupted["device_size"],
+                   interrupted["block_size"], _source_crc(interrupted["source_id"]),
+                   interrupted["offset"], resume_layers(
+                       [tuple(layer) for layer in interrupted["covers"]],
+                       interrupted["offset"], interrupted["era"]))
+
+    def encode(self):
+        import base64
+        data = TOKEN.pack(TOKEN_VERSION, len(self.layers), self.block_size, self.stream_crc,
+                          self.chunk_crc, self.device_size, self.offset,
+                          self.source_crc) + b"".join(
+            LAYER.pack(LAYER_EVERY if era is None else LAYER_SINCE, era or 0, offset)
+            for era, offset in self.layers)
+        data += CRC.pack(zlib.crc32(data))
+        return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+    @classmethod
+    def decode(cls, text):
+        import base64
+        import binascii
+        word = text.strip().upper()
+        try:
+            if not word or not word.isalnum():
+                raise ValueError
+            data = base64.b32decode(word + "=" * (-len(word) % 8))
+        except (ValueError, binascii.Error):
+            raise EraError("%s is not a resume token ('era_tool.py info MIRROR' prints the "
+                           "mirror's)" % shown(text[:40])) from None
+        if len(data) < TOKEN.size + CRC.size or \
+                zlib.crc32(data[:-CRC.size]) != CRC.unpack_from(data, len(data) - CRC.size)[0]:
+            raise EraError("resume token %s is damaged or mistyped (its checksum does not "
+                           "match): copy it again from 'era_tool.py info MIRROR'"
+                           % shown(text[:40]))
+        (version, count, block_size, stream_crc, chunk_crc, device_size, offset,
+         source_crc) = TOKEN.unpack_from(data)
+        if version != TOKEN_VERSION:
+            raise EraError("resume token of version %d: this era_tool (%s) reads version %d"
+                           % (version, __version__, TOKEN_VERSION))
+        if len(data) != TOKEN.size + count * LAYER.size + CRC.size or not count:
+            raise EraError("resume token %s is damaged" % shown(text[:40]))
+        try:
+            layers = Resume.unpack(RESUME.pack(0, 0, offset, count) + data[TOKEN.size:-CRC.size],
+                                   device_size).layers
+        except StreamError:
+            raise EraError("resume token %s is damaged" % shown(text[:40])) from None
+        return cls(stream_crc, chunk_crc, device_size, block_size, source_crc, offset, layers)
+
+
 class StreamHeader:
     """The fields of a stream header, and their bytes."""
 
     def __init__(self, device_size, total_bytes, block_size, chunk_size=None,
                  since_era=None, era=None, full=False, created=None, source_id="",
                  version=FORMAT_VERSION, undo=False, target_size=None, target_crc=None,
-                 previous_crc=None, raw=None, repair=False):
+                 previous_crc=None, raw=None, repair=False, resume=None):
         self.version = version
         self.device_size = device_size
         self.total_bytes = total_bytes
@@ -1995,6 +2147,8 @@ class StreamHeader:
         self.target_size = target_size
         self.target_crc = target_crc
         self.previous_crc = previous_crc
+        # A resume stream: the Resume (stream, offset, layers) it continues.
+        self.resume = resume
         # The header's bytes, header_crc last: as read, or as pack() makes them.
         self.raw = self.pack() if raw is None else raw
         (self.crc,) = CRC.unpack_from(self.raw, len(self.raw) - CRC.size)
@@ -2006,6 +2160,7 @@ class StreamHeader:
                  | (FLAG_FULL if self.full else 0)
                  | (FLAG_UNDO if self.undo else 0)
                  | (FLAG_REPAIR if self.repair else 0)
+                 | (FLAG_RESUME if self.resume is not None else 0)
                  | (FLAG_TARGET if self.target_size is not None else 0)
                  | (FLAG_PREVIOUS if self.target_size is not None and
                     self.previous_crc is not None else 0))
@@ -2014,6 +2169,8 @@ class StreamHeader:
                            self.era or 0, self.created, len(source_id)) + source_id
         if self.target_size is not None:
             head += TARGET.pack(self.target_size, self.target_crc, self.previous_crc or 0)
+        if self.resume is not None:
+            head += self.resume.pack()
         return head + CRC.pack(zlib.crc32(head))
 
     @classmethod
@@ -2034,8 +2191,15 @@ class StreamHeader:
             raise StreamError("damaged header: source id of %d bytes" % id_length)
         source_id = inp.read_exact(id_length, "the header")
         target = inp.read_exact(TARGET.size, "the header") if flags & FLAG_TARGET else b""
+        resume = b""
+        if flags & FLAG_RESUME:
+            resume = inp.read_exact(RESUME.size, "the header")
+            count = RESUME.unpack(resume)[3]
+            if not 1 <= count <= MAX_LAYERS:
+                raise StreamError("damaged header: %d resume layers" % count)
+            resume += inp.read_exact(count * LAYER.size, "the header")
         (header_crc,) = CRC.unpack(inp.read_exact(CRC.size, "the header"))
-        raw = magic + rest + source_id + target
+        raw = magic + rest + source_id + target + resume
         if zlib.crc32(raw) != header_crc:
             raise ChecksumMismatch("damaged header: checksum mismatch")
         # Checksums prove only that the bytes arrived as written: every field is
@@ -2050,6 +2214,10 @@ class StreamHeader:
                                     != FLAG_SINCE_ERA | FLAG_ERA or since_era != era):
             raise StreamError("header has flags 0x%x: a repair names the one era it keeps"
                               % flags)
+        if flags & FLAG_RESUME and flags & (FLAG_ERA | FLAG_FULL | FLAG_UNDO | FLAG_REPAIR) \
+                != FLAG_ERA:
+            raise StreamError("header has flags 0x%x: a resume names its era and is no full "
+                              "copy, undo file or repair" % flags)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise StreamError("header has a chunk size of %d bytes" % chunk_size)
         target_size, target_crc, previous_crc = TARGET.unpack(target) if target else (None,) * 3
@@ -2070,12 +2238,13 @@ class StreamHeader:
             source_id = source_id.decode("utf-8")
         except UnicodeDecodeError:
             raise StreamError("header source id is not UTF-8") from None
+        resume = Resume.unpack(resume, device_size) if resume else None
         return cls(device_size, total_bytes, block_size, chunk_size,
                    since_era if flags & FLAG_SINCE_ERA else None,
                    era if flags & FLAG_ERA else None, bool(flags & FLAG_FULL), created,
                    source_id, version, bool(flags & FLAG_UNDO), target_size, target_crc,
                    previous_crc, raw=raw + CRC.pack(header_crc),
-                   repair=bool(flags & FLAG_REPAIR))
+                   repair=bool(flags & FLAG_REPAIR), resume=resume)
 
     def as_dict(self):
         return {
@@ -2094,7 +2263,22 @@ class StreamHeader:
             "target_size": self.target_size,
             "target_crc": self.target_crc,
             "previous_crc": self.previous_crc,
+            "resume": None if self.resume is None else self.resume.as_dict(),
         }
+
+    def covers(self):
+        """The layers of blocks this stream carries (see Resume): what its apply,
+        stopped midway, leaves for a resume to carry."""
+        if self.resume is not None:
+            return self.resume.layers
+        return ((None if self.full else self.since_era, 0),)
+
+    @property
+    def resumable(self):
+        """Whether an apply of this stream stopped midway can be resumed: it is a
+        chain step (full, since an era, or a resume) that names its era."""
+        return self.era is not None and not (self.undo or self.repair) and (
+            self.full or self.since_era is not None or self.resume is not None)
 
 
 class StreamWriter:
@@ -2381,6 +2565,19 @@ STATE_KEYS = {
     "applied": (False, (-(1 << 63), (1 << 63) - 1)),
     "stream_crc": (False, (0, (1 << 32) - 1)),
     "stepping_back": (False, (0, (1 << 32) - 1)),
+    "interrupted": (False, dict),
+}
+# The record of an apply that stopped midway (see MirrorState.save_progress).
+INTERRUPTED_KEYS = {
+    "stream_crc": (0, (1 << 32) - 1),
+    "chunk_crc": (0, (1 << 32) - 1),
+    "stream_created": (-(1 << 63), (1 << 63) - 1),
+    "era": (0, MAX_ERA),
+    "offset": (0, MAX_OFFSET),
+    "device_size": (0, MAX_OFFSET),
+    "block_size": (SECTORS_PER_PAGE, MAX_BLOCK_SIZE),
+    "total_bytes": (0, MAX_OFFSET),
+    "applied_bytes": (0, MAX_OFFSET),
 }
 STATE_MAX = 1 << 16                # bytes: a state file is a few hundred
 
@@ -2399,7 +2596,11 @@ def _state_problem(state):
         value = state[key]
         if value is None:
             continue
-        if allowed is str:
+        if allowed is dict:
+            problem = _interrupted_problem(value)
+            if problem:
+                return "%s: %s" % (key, problem)
+        elif allowed is str:
             if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) \
                     > MAX_SOURCE_ID:
                 return "%s is not a source id" % key
@@ -2409,6 +2610,32 @@ def _state_problem(state):
                 key, shown(repr(value)[:40]), allowed[0], allowed[1])
     if state["block_size"] is not None and state["block_size"] % SECTORS_PER_PAGE:
         return "block_size is not a multiple of %d" % SECTORS_PER_PAGE
+    return None
+
+
+def _whole(value, low, high):
+    # type(), not isinstance(): true and false are ints to Python.
+    return type(value) is int and low <= value <= high
+
+
+def _interrupted_problem(record):
+    """What is wrong with the record of an interrupted apply, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key, (low, high) in INTERRUPTED_KEYS.items():
+        if not _whole(record.get(key), low, high):
+            return "%s is %s, not a whole number from %d to %d" % (
+                key, shown(repr(record.get(key))[:40]), low, high)
+    if not isinstance(record.get("source_id"), str):
+        return "source_id is not a source id"
+    covers = record.get("covers")
+    if not isinstance(covers, list) or not 1 <= len(covers) <= MAX_LAYERS or not all(
+            isinstance(layer, list) and len(layer) == 2
+            and (layer[0] is None or _whole(layer[0], 0, MAX_ERA))
+            and _whole(layer[1], 0, record["device_size"]) for layer in covers):
+        return "covers is not a list of layers"
+    if record["offset"] > record["device_size"] or record["block_size"] % SECTORS_PER_PAGE:
+        return "offset or block_size does not fit the device"
     return None
 
 
@@ -2530,7 +2757,7 @@ class MirrorState:
         return state
 
     def save(self, source_id, source_size, block_size, era, stream_created=None,
-             stream_crc=None, stepping_back=None):
+             stream_crc=None, stepping_back=None, interrupted=None):
         """Record the mirror's era, atomically: only after its data is synced.
 
         era None means unknown (a stream without an era was forced onto the
@@ -2554,6 +2781,8 @@ class MirrorState:
         }
         if stepping_back is not None:
             fields["stepping_back"] = stepping_back
+        if interrupted is not None:
+            fields["interrupted"] = interrupted
         temp = None
         try:
             try:
@@ -2625,6 +2854,68 @@ class MirrorState:
             self.save(header.source_id, header.device_size, header.block_size, None,
                       header.created, header.crc)
 
+    def save_progress(self, header, offset, applied, chunk_crc):
+        """Record, once the mirror is synced, that the apply of `header` is complete
+        below `offset` (`applied` of its bytes): what a resume takes up.
+
+        The era stays: the mirror is still complete as of it, and an ordinary
+        incremental from it (or a full copy) still repairs everything.  A mirror
+        that held nothing chained yet gets a state with no era, which only a full
+        copy or this stream's resume may continue.
+        """
+        record = {
+            "stream_crc": header.crc, "chunk_crc": chunk_crc, "stream_created": header.created,
+            "era": header.era,
+            "covers": [list(layer) for layer in header.covers()], "offset": offset,
+            "device_size": header.device_size, "block_size": header.block_size,
+            "source_id": header.source_id, "total_bytes": header.total_bytes,
+            "applied_bytes": applied,
+        }
+        if self.known:
+            self.save(self.source_id, self.source_size, self.block_size, self.era,
+                      self.stream_created, self.stream_crc, interrupted=record)
+        else:
+            self.save(header.source_id, header.device_size, header.block_size, None,
+                      interrupted=record)
+
+    def token(self):
+        """The resume token of the interrupted apply this state records, or None."""
+        if not self.known or self.interrupted is None:
+            return None
+        return ResumeToken.of(self.interrupted).encode()
+
+    def _check_resume(self, header):
+        """A resume stream goes only onto the mirror whose interrupted apply it continues."""
+        record = self.interrupted if self.known else None
+        resume = header.resume
+        if record is None:
+            raise ChainError("this resume stream continues an interrupted apply, but %s records "
+                             "none (%s): resumed already, or moved on? Copy an ordinary "
+                             "incremental since era %s (--force applies anyway)"
+                             % ("the mirror" if self.known else "no state file",
+                                shown(self.path), self.era if self.known else "-"))
+        expected = ResumeToken.of(record)
+        if (resume.crc, resume.chunk_crc, resume.offset, resume.layers) != (
+                expected.stream_crc, expected.chunk_crc, expected.offset, expected.layers):
+            raise ChainError("this resume stream continues stream 0x%08x from byte %d, but the "
+                             "mirror (%s) waits for the rest of stream 0x%08x from byte %d: "
+                             "copy --resume %s (--force applies anyway)"
+                             % (resume.crc, resume.offset, shown(self.path),
+                                record["stream_crc"], record["offset"], expected.encode()))
+        if header.era < record["era"]:
+            raise ChainError("this resume stream was copied at era %d, before the interrupted "
+                             "stream's era %d (%s): from an older metadata snapshot? "
+                             "(--force applies anyway)"
+                             % (header.era, record["era"], shown(self.path)))
+        if header.source_id != record["source_id"] or \
+                header.device_size != record["device_size"] or \
+                header.block_size != record["block_size"]:
+            raise ChainError("this resume stream is of source %r (%d bytes, block size %d), the "
+                             "interrupted one of %r (%d, %d) (%s): wrong mirror? (--force applies "
+                             "anyway)" % (header.source_id, header.device_size, header.block_size,
+                                          record["source_id"], record["device_size"],
+                                          record["block_size"], shown(self.path)))
+
     def mark_stepping_back(self, header):
         """Before an undo file is written back: the state says a step back is under way.
 
@@ -2666,7 +2957,14 @@ class MirrorState:
                              "file (header CRC 0x%08x) stopped midway (%s): run that rollback or "
                              "apply -i again first (--force applies anyway)"
                              % (self.stepping_back, shown(path)))
+        if header is not None and header.resume is not None:
+            self._check_resume(header)
+            return
         if header is not None and header.repair:
+            if self.known and self.interrupted is not None:
+                raise ChainError("the mirror holds an apply that stopped midway (%s): resume it "
+                                 "first (copy --resume %s), then verify again (--force applies "
+                                 "anyway)" % (shown(path), self.token()))
             # Its blocks are the source as it is now, right only on the mirror verify
             # compared: at the era it keeps, with no incremental applied since.
             if not self.known or self.era != header.era:
@@ -3480,9 +3778,10 @@ class ChunkWriter:
     (to release them) without writing; the error is raised in the main thread.
     """
 
-    def __init__(self, dest, release):
+    def __init__(self, dest, release, after=None):
         self.dest = dest
         self.release = release
+        self.after = after        # after(chunk): called here once it is written
         self.queue = queue.Queue()
         self.error = None
         # Set by the thread itself as it ends.  close() waits on this, not on
@@ -3501,6 +3800,8 @@ class ChunkWriter:
                 if self.error is None:
                     try:
                         self.dest.put(chunk.offset, chunk.length, chunk.payload)
+                        if self.after is not None:
+                            self.after(chunk)
                     except BaseException as exc:   # raised in the main thread
                         self.error = exc
                 if chunk.payload is not None:
@@ -3535,15 +3836,16 @@ class ChunkWriter:
             raise interrupted
 
 
-def write_chunks(dest, chunks, release, progress, before_writing=None):
+def write_chunks(dest, chunks, release, progress, before_writing=None, after_writing=None):
     """The one loop that writes to a mirror: every chunk of `chunks`, in order.
 
     chunks yields checked Chunks (from a stream, the original format, or an
     undo file); release(chunk) gives a payload's buffer back.
     before_writing() runs once, when the first chunk is checked and before
-    anything is written.  Returns the bytes covered.
+    anything is written; after_writing(chunk) in the writing thread, after each
+    chunk is written.  Returns the bytes covered.
     """
-    writer = ChunkWriter(dest, release)
+    writer = ChunkWriter(dest, release, after_writing)
     done = 0
     try:
         for chunk in chunks:
@@ -3563,6 +3865,58 @@ def write_chunks(dest, chunks, release, progress, before_writing=None):
                 raise
         raise
     return done
+
+
+class Checkpoints:
+    """apply's progress, made durable as it goes: where a resume takes up.
+
+    After each chunk is written (in the writing thread), and at most every
+    `every` bytes or CHECKPOINT_SECONDS: the mirror is synced, then the state
+    records the end of that chunk as the offset below which this stream is
+    applied.  Chunks come in offset order (the reader refuses others), so
+    everything of the stream below it is on disk.  Never ahead of the data:
+    the offset recorded is one whose data a completed fsync covered.
+    """
+
+    def __init__(self, dest, mirror, header, every):
+        self.dest = dest
+        self.mirror = mirror
+        self.header = header
+        self.every = every
+        self.offset = 0           # the end of the last chunk written
+        self.chunk_crc = 0        # the crc of that chunk: it names the data as well
+        self.applied = 0          # the stream's bytes written so far
+        self.recorded = None      # the offset the state records, once it records one
+        self.pending = 0
+        self.since = time.monotonic()
+
+    def written(self, chunk):
+        self.offset = chunk.offset + chunk.length
+        self.chunk_crc = chunk.crc
+        self.applied += chunk.length
+        self.pending += chunk.length
+        if self.pending >= self.every or time.monotonic() - self.since >= CHECKPOINT_SECONDS:
+            self.record()
+
+    def record(self):
+        self.dest.sync()
+        self.mirror.save_progress(self.header, self.offset, self.applied, self.chunk_crc)
+        self.recorded = self.offset
+        # The state names the mirror now: a failed apply keeps it, and what it holds.
+        self.dest.created = False
+        self.pending = 0
+        self.since = time.monotonic()
+
+    def at_failure(self):
+        """The apply failed (a cut or damaged stream, a signal, a full disk) after the
+        writer stopped: record how far it got, if it can be made durable."""
+        if self.offset == (self.recorded or 0):
+            return
+        try:
+            with _SignalsHeld():
+                self.record()
+        except (EraError, OSError):
+            pass                  # the last checkpoint stands: its data was synced
 
 
 def _saved_first(reader, undo, free):
@@ -3676,8 +4030,16 @@ def _cause(exc):
     return "internal error: %s: %s" % (type(exc).__name__, exc)
 
 
-def _partial(exc, dest):
+def _partial(exc, dest, checkpoints=None):
     """Say what a failed apply left behind (its growth is undone first)."""
+    recorded = None if checkpoints is None else checkpoints.recorded
+    if recorded is not None:
+        # What the state records as applied stays, and so does the file.
+        dest.restore_size(recorded)
+        return _failure(exc, "%s; %d of its %d bytes are applied (below offset %d) and recorded "
+                        "in %s: 'era_tool.py info %s' shows the token that resumes it"
+                        % (_cause(exc), checkpoints.applied, checkpoints.header.total_bytes,
+                           recorded, checkpoints.mirror.path, dest.path))
     if dest.created:
         # Half a mirror that was not there before is worth nothing: no state names it
         # (apply_stream removes it).
@@ -3787,14 +4149,15 @@ def _refuse_stream_as_mirror(path):
 
 
 def apply_stream(stream, destination, undo=None, force=False, progress=False, state=None,
-                 allow_empty=False):
+                 allow_empty=False, checkpoint=CHECKPOINT_BYTES):
     """apply's engine: write a stream into a mirror file or block device.
 
     stream: a path, or None or "-" for standard input; either format.
     undo: a new undo file to save the old content in, first (all or nothing).
     force: go past the chain and mirror checks.  progress: show it on stderr.
     state: the state file, if not DESTINATION.era.  allow_empty: an empty
-    input is an original-format stream with no changes.  Raises EraError (and
+    input is an original-format stream with no changes.  checkpoint: without
+    undo, record progress (see Checkpoints) after this many bytes.  Raises EraError (and
     its kinds) with what was done about the failure; returns None once the
     data, and then the mirror's new state, are durable.
     """
@@ -3847,7 +4210,7 @@ def apply_stream(stream, destination, undo=None, force=False, progress=False, st
             if legacy is not None:
                 _apply_legacy(legacy, dest, mirror, shown_progress)
             else:
-                _apply_era(inp, header, dest, mirror, undo, force, shown_progress)
+                _apply_era(inp, header, dest, mirror, undo, force, shown_progress, checkpoint)
         except BaseException:
             dest.remove_if_created()   # a refused or failed apply leaves no new mirror
             raise
@@ -3879,7 +4242,7 @@ def _apply_legacy(legacy, dest, mirror, progress):
     _commit(mirror, None)
 
 
-def _apply_era(inp, header, dest, mirror, undo_path, force, progress):
+def _apply_era(inp, header, dest, mirror, undo_path, force, progress, checkpoint):
     """An era_tool stream: each chunk checked before it is written; with undo_path,
     all or nothing, the new state included (a state that cannot be written
     rolls the data back too)."""
@@ -3902,9 +4265,13 @@ def _apply_era(inp, header, dest, mirror, undo_path, force, progress):
         # With --undo a failed step back rolls itself back: all or nothing.
         before_writing = _once(lambda: mirror.mark_stepping_back(header))
     undo = None
+    checkpoints = None
     if undo_path is not None:
         # The undo header is durable before anything changes.
         undo = UndoLog(undo_path, dest, header, mirror)
+    elif header.resumable and mirror.path is not None and not mirror.damaged and \
+            (header.full or not force):
+        checkpoints = Checkpoints(dest, mirror, header, checkpoint)
     try:
         if undo is None:
             # From a file, two buffers: one being written while the next is read and
@@ -3916,7 +4283,8 @@ def _apply_era(inp, header, dest, mirror, undo_path, force, progress):
             pool = BufferPool(2 if from_file else READ_AHEAD, header.chunk_size)
             done = write_chunks(dest, StreamReader(inp, header, pool.take),
                                 lambda chunk: pool.give(chunk.payload.obj),
-                                progress, before_writing)
+                                progress, before_writing,
+                                None if checkpoints is None else checkpoints.written)
         else:
             slot = -(-header.chunk_size // DIRECT_ALIGN) * DIRECT_ALIGN
             slots = _Slots(slot, max(1, UNDO_BATCH // slot))
@@ -3940,7 +4308,9 @@ def _apply_era(inp, header, dest, mirror, undo_path, force, progress):
             _commit(mirror, header)
     except (Exception, KeyboardInterrupt) as exc:   # SIGINT too: all or nothing
         if undo is None:
-            raise _partial(exc, dest) from None
+            if checkpoints is not None:
+                checkpoints.at_failure()
+            raise _partial(exc, dest, checkpoints) from None
         raise _roll_back_failed_apply(exc, dest, undo) from None
     if undo is None:
         _commit(mirror, header)
@@ -4060,6 +4430,18 @@ def _era(text):
     return value
 
 
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text):
+    """A positive number of bytes, with an optional K, M, G or T (powers of 1024)."""
+    match = re.match(r"\A([0-9]{1,19})([KMGT]?)(?:i?B)?\Z", text.strip(), re.IGNORECASE)
+    value = int(match.group(1)) * SIZE_SUFFIXES[match.group(2).upper()] if match else None
+    if value is None or not 0 < value <= MAX_OFFSET:
+        raise argparse.ArgumentTypeError("%r is not a size in bytes (e.g. 256M, 1G)" % text[:40])
+    return value
+
+
 def _source_id(text):
     if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
         raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
@@ -4175,6 +4557,15 @@ def add_copy_parser(commands):
                            "another era)")
     copy.add_argument("--source-id", type=_source_id, metavar="ID",
                       help="record in the header: a name for the source (e.g. host:device)")
+    copy.add_argument("--resume", metavar="TOKEN",
+                      help="the rest of an apply that stopped midway ('info MIRROR' prints its "
+                           "token): what it had not applied yet, and every block written since "
+                           "its snapshot (below where it stopped too), with --metadata (a new "
+                           "snapshot) or --list; --full for a first full copy")
+    copy.add_argument("--list", action="append", metavar="ERA=XML", default=[],
+                      help="with --resume and no --metadata: era_invalidate --written-since ERA "
+                           "of a new snapshot, for each era the token names (the message says "
+                           "which); then --era is that snapshot's era")
     copy.add_argument("--progress", action="store_true",
                       help="show bytes copied, rate and ETA on stderr")
     # Cross-checks report through this command's usage line.
@@ -4184,6 +4575,43 @@ def add_copy_parser(commands):
 
 def check_copy_args(parser, args):
     """Cross-option checks of copy, in one place; usage errors exit 2."""
+    if args.list and args.resume is None:
+        parser.error("--list goes with --resume")
+    if args.resume is not None:
+        if args.since is not None or args.since_era is not None or args.input is not None \
+                or args.repair or args.json or args.format != "era":
+            parser.error("--resume takes its block lists from the token and --metadata or "
+                         "--list: no --since, --since-era, -i, --repair, --json or --format")
+        if args.metadata is not None and args.list:
+            parser.error("--resume takes --metadata META_DEV (a new snapshot) or --list "
+                         "ERA=XML for each era the token names, not both")
+        if args.metadata is None and args.era is None:
+            parser.error("--resume without --metadata needs --era N: the era of the snapshot "
+                         "the --list lists come from")
+        if args.device is None and args.block_size is not None \
+                and not args.block_size.isdigit():
+            args.device, args.block_size = args.block_size, None   # the token knows it
+        if args.device is None:
+            parser.error("--resume copies a device: give DEVICE")
+        lists = {}
+        for item in args.list:
+            era, equals, path = item.partition("=")
+            try:
+                era = _era(era)
+            except argparse.ArgumentTypeError as exc:
+                parser.error("--list %s: %s" % (item, exc))
+            if not equals or not path:
+                parser.error("--list takes ERA=XML, not %s" % item)
+            if era in lists:
+                parser.error("--list names era %d twice" % era)
+            lists[era] = path
+        args.list = lists
+        if args.block_size is not None:
+            try:
+                args.block_size = _block_size(args.block_size)
+            except argparse.ArgumentTypeError as exc:
+                parser.error("argument BLOCK_SIZE: %s" % exc)
+        return
     if args.metadata is None:
         if args.block_size is None:
             parser.error("copy needs BLOCK_SIZE (or --metadata, which knows it)")
@@ -4247,12 +4675,115 @@ def _changed_blocks(args):
         inp.close()
 
 
+def resume_spans(layers, changed, device_size, block_bytes):
+    """The byte spans of a resume stream: each layer's blocks from its offset, merged.
+
+    changed: era -> the blocks written in that era or later (a RangeList).
+    """
+    spans = []
+    for era, start in layers:
+        if era is None:
+            pieces = [(0, device_size)]
+        else:
+            pieces = byte_ranges(changed[era], block_bytes, device_size)
+        for offset, length in pieces:
+            end = offset + length
+            if end > start:
+                spans.append((max(offset, start), end))
+    merged = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(begin, end - begin) for begin, end in merged]
+
+
+def _resume_lists(args, token):
+    """For copy --resume: (era -> blocks written since it, block size, the snapshot's era)."""
+    eras = sorted({era for era, _ in token.layers if era is not None})
+    changed = {}
+    if args.metadata is not None:
+        snapshot_era = None
+        for era in eras:
+            blocks = read_changed_blocks(args.metadata, era, snapshot=not args.live)
+            if snapshot_era not in (None, blocks.current_era):
+                raise EraError("the metadata snapshot of %s changed while it was read (era %d, "
+                               "then %d): run again" % (args.metadata, snapshot_era,
+                                                        blocks.current_era))
+            snapshot_era = blocks.current_era
+            changed[era] = blocks
+            if blocks.block_size != token.block_size:
+                raise EraError("%s has block size %d, the interrupted copy %d sectors: another "
+                               "device?" % (args.metadata, blocks.block_size, token.block_size))
+        if snapshot_era is None:
+            # Only whole-device layers: the snapshot's era is still the stream's.
+            snapshot_era = read_changed_blocks(args.metadata, MAX_ERA,
+                                               snapshot=not args.live).current_era
+        return changed, token.block_size, snapshot_era if args.era is None else args.era
+    missing = [era for era in eras if era not in args.list]
+    extra = sorted(set(args.list) - set(eras))
+    if missing or extra:
+        raise EraError("this token needs the blocks written since era%s %s: --metadata META_DEV, "
+                       "or each as --list ERA=XML (era_invalidate --written-since ERA of one new "
+                       "snapshot)%s"
+                       % ("s" if len(eras) > 1 else "", ", ".join(map(str, eras)),
+                          "; not era %s" % ", ".join(map(str, extra)) if extra else ""))
+    for era in eras:
+        inp = Input(args.list[era], "the block list")
+        try:
+            changed[era] = parse_block_list(inp.file)
+        finally:
+            inp.close()
+    return changed, token.block_size, args.era
+
+
+def _copy_resume(args, source):
+    """copy --resume: the rest of an interrupted apply, and what changed since its snapshot."""
+    token = ResumeToken.decode(args.resume)
+    full = token.layers[0][0] is None
+    if full != args.full:
+        raise EraError("the token is of an interrupted %s copy: %s" % (
+            "full" if full else "incremental", "add --full" if full else "drop --full"))
+    if source.size != token.device_size:
+        raise EraError("%s has %d bytes, but the interrupted copy was of %d bytes: it changed "
+                       "size; copy again from the start" % (args.device, source.size,
+                                                            token.device_size))
+    if args.block_size is not None and args.block_size != token.block_size:
+        raise EraError("BLOCK_SIZE %d differs from the interrupted copy's (%d sectors)"
+                       % (args.block_size, token.block_size))
+    source_id = args.source_id or ""
+    if _source_crc(source_id) != token.source_crc:
+        raise EraError("the token is of a copy with another --source-id than %r: the same "
+                       "--source-id as the interrupted copy, please" % source_id)
+    changed, block_size, era = _resume_lists(args, token)
+    block_bytes = block_size * SECTOR
+    for ranges in changed.values():
+        check_ranges_fit(ranges, block_bytes, source.size, args.device)
+    stream_era = max(e for e, _ in token.layers if e is not None) \
+        if any(e is not None for e, _ in token.layers) else None
+    if stream_era is not None and era < stream_era:
+        raise EraError("the snapshot's era %d is before the interrupted copy's (%d): take a new "
+                       "metadata snapshot" % (era, stream_era))
+    spans = resume_spans(token.layers, changed, source.size, block_bytes)
+    total = sum(length for _, length in spans)
+    since = [e for e, _ in token.layers if e is not None]
+    header = StreamHeader(source.size, total, block_size,
+                          since_era=None if full else min(since), era=era,
+                          source_id=source_id,
+                          resume=Resume(token.stream_crc, token.chunk_crc, token.offset,
+                                        token.layers))
+    return header, spans
+
+
 def cmd_copy(args):
     if args.device is not None:
         refuse_terminal(args.output)
         inputs = [("DEVICE %s" % args.device, args.device)]
         if args.metadata is not None:
             inputs.append(("--metadata %s" % args.metadata, args.metadata))
+        elif args.resume is not None:
+            inputs.extend(("--list %s" % path, path) for path in args.list.values())
         elif not args.full:
             inputs.append(("the block list %s" % (args.input or "on standard input"),
                            args.input))
@@ -4260,6 +4791,8 @@ def cmd_copy(args):
                                     args.output)])
     elif sys.stdout is None:
         raise EraError("standard output is closed: nowhere to print the estimate")
+    if args.resume is not None:
+        return _copy_resumed(args)
     ranges, block_size, since_era, era = _changed_blocks(args)
     block_bytes = block_size * SECTOR
 
@@ -4283,26 +4816,37 @@ def cmd_copy(args):
             check_ranges_fit(ranges, block_bytes, source.size, args.device)
             total = sum(length for _, length in byte_ranges(ranges, block_bytes, source.size))
             spans = byte_ranges(ranges, block_bytes, source.size)
-        output = Output(args.output)
-        failed = True
-        try:
-            if args.format == "legacy":
-                writer = LegacyWriter(output)
-            else:
-                writer = StreamWriter(output, StreamHeader(
-                    source.size, total, block_size, since_era=since_era, era=era,
-                    repair=args.repair,
-                    full=args.full, source_id=args.source_id or ""))
-            progress = Progress(args.progress, "copied", total)
-            done = copy_device(source, spans, writer, progress)
-            output.finish()
-            progress.finish(done)
-            failed = False
-        finally:
-            output.close(failed)
+        _write_stream(args, source, None if args.format == "legacy" else StreamHeader(
+            source.size, total, block_size, since_era=since_era, era=era, repair=args.repair,
+            full=args.full, source_id=args.source_id or ""), spans, total)
     finally:
         source.close()
     return 0
+
+
+def _copy_resumed(args):
+    source = Source(args.device, warn)
+    try:
+        header, spans = _copy_resume(args, source)
+        _write_stream(args, source, header, spans, header.total_bytes)
+    finally:
+        source.close()
+    return 0
+
+
+def _write_stream(args, source, header, spans, total):
+    """copy's output: the spans of `source` as a stream with `header` (None: legacy)."""
+    output = Output(args.output)
+    failed = True
+    try:
+        writer = LegacyWriter(output) if header is None else StreamWriter(output, header)
+        progress = Progress(args.progress, "copied", total)
+        done = copy_device(source, spans, writer, progress)
+        output.finish()
+        progress.finish(done)
+        failed = False
+    finally:
+        output.close(failed)
 
 
 APPLY_EPILOG = """\
@@ -4353,13 +4897,20 @@ def add_apply_parser(commands):
                              "changes")
     apply_.add_argument("--progress", action="store_true",
                         help="show bytes applied, rate and ETA on stderr")
+    apply_.add_argument("--checkpoint", type=_byte_size, metavar="SIZE",
+                        default=CHECKPOINT_BYTES,
+                        help="without --undo: sync the mirror and record in its state how far "
+                             "the apply got, every SIZE bytes (K, M, G suffixes; default 256M) "
+                             "or %d s, so that an apply that stops midway can be resumed "
+                             "(copy --resume)" % CHECKPOINT_SECONDS)
     apply_.set_defaults(func=cmd_apply)
     return apply_
 
 
 def cmd_apply(args):
     apply_stream(args.input, args.destination, undo=args.undo, force=args.force,
-                 progress=args.progress, state=args.state, allow_empty=args.allow_empty)
+                 progress=args.progress, state=args.state, allow_empty=args.allow_empty,
+                 checkpoint=args.checkpoint)
     return 0
 
 
@@ -4845,6 +5396,9 @@ def _mirror_info(args):
         for key in ("source_id", "source_size", "block_size", "era", "stream_created",
                     "applied"):
             info[key] = getattr(state, key)
+        if state.interrupted is not None:
+            info["interrupted"] = state.interrupted
+        info["resume_token"] = state.token()
     _print_info(info, args.json)
     return 0
 
@@ -4855,7 +5409,8 @@ def _print_info(info, as_json):
         say(json.dumps(info, sort_keys=True))
         return
     for key, value in info.items():
-        if key in ("target_size", "target_crc", "previous_crc") and value is None:
+        if key in ("target_size", "target_crc", "previous_crc", "resume", "resume_token") \
+                and value is None:
             continue
         if key in ("created", "stream_created", "applied") and isinstance(value, int):
             try:
@@ -4863,6 +5418,18 @@ def _print_info(info, as_json):
                                                          time.gmtime(value)))
             except (OverflowError, OSError, ValueError):
                 value = "%d (not a date)" % value   # a crafted header: still intact
+        elif key == "interrupted":
+            value = "the apply of %s stream 0x%08x (to era %d) stopped: %d of its %d bytes " \
+                "applied, everything below offset %d; resume it with copy --resume %s" % (
+                    "a full" if value["covers"][0][0] is None else "an incremental",
+                    value["stream_crc"], value["era"], value["applied_bytes"],
+                    value["total_bytes"], value["offset"],
+                    "--full TOKEN" if value["covers"][0][0] is None else "TOKEN")
+        elif key == "resume" and value is not None:
+            value = "continues stream 0x%08x from offset %d; layers %s" % (
+                value["stream_crc"], value["offset"], ", ".join(
+                    "%s from %d" % ("every block" if era is None else "since era %d" % era,
+                                    offset) for era, offset in value["layers"]))
         elif key == "intact" and value is None:
             value = "unknown (the original format has no checksums or end marker)"
         elif isinstance(value, bool):

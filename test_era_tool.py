@@ -366,6 +366,20 @@ class TestGolden:
         expected = bytes(BLOCK) + b"\xff" * BLOCK + b"0123456789" * 5
         assert read(dest) == expected
 
+    def test_golden_resume_header(self):
+        # Laid out by hand from README's table: 60 bytes, the source id, then the resume
+        # fields and their layers, then header_crc.
+        resume = era_tool.Resume(0x11223344, 0x55667788, 5 << 20, ((None, 5 << 20), (9, 0)))
+        header = era_tool.StreamHeader(8 << 20, 3 << 20, 8, since_era=None, era=12,
+                                       created=1700000000, source_id="h:d", resume=resume)
+        head = (b"\x89ERA\r\n\x1a\n" + struct.pack("<HHQQIIIIqI", 1, 2 | 128, 8 << 20, 3 << 20,
+                                                      8, 4 << 20, 0, 12, 1700000000, 3)
+                + b"h:d" + struct.pack("<IIQB", 0x11223344, 0x55667788, 5 << 20, 2)
+                + struct.pack("<BIQ", 1, 0, 5 << 20) + struct.pack("<BIQ", 0, 9, 0))
+        assert header.raw == head + struct.pack("<I", zlib.crc32(head))
+        read_back = era_tool.StreamHeader.read(_BytesInput(header.raw))
+        assert read_back.resume == resume and read_back.era == 12
+
     def test_magic_never_legacy(self):
         assert era_tool.MAGIC != era_tool.LEGACY_MAGIC
         assert era_tool.MAGIC[0] != era_tool.LEGACY_MAGIC[0]
@@ -2985,8 +2999,10 @@ class TestInterrupts:
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130
         err = err.decode()
-        assert "interrupted" in err and "partially updated" in err, err
+        # What was applied is synced and recorded, for a resume; the era stays.
+        assert "interrupted" in err and "resumes it" in err, err
         assert case.era() == 5
+        assert json.loads(read(case.mirror + ".era"))["interrupted"]["offset"] > 0
 
     @pytest.mark.parametrize("args", [["apply", "m"], ["info"], ["copy", "8", "src"],
                                       ["copy", "8"]])
@@ -3046,6 +3062,362 @@ class TestHostileLists:
         assert int(estimate) == count * BLOCK
         assert int(rss_kib) < 160 * 1024, "peak RSS %d KiB" % int(rss_kib)
 
+
+
+# ---------------------------------------------------------------------------
+# Resume: an interrupted apply taken up where it stopped
+# ---------------------------------------------------------------------------
+
+RESUME_BLOCK_SECTORS = 128          # MetaBuilder's block size: 64 KiB blocks
+RESUME_BLOCK = RESUME_BLOCK_SECTORS * 512
+RESUME_CHUNK = 64 << 10
+# The real tool in a real process, with chunks of one block so that a small
+# device gives a stream with many places to die at.
+SMALL_CHUNK_TOOL = textwrap.dedent("""\
+    import sys
+    sys.path.insert(0, %r)
+    import era_tool
+    era_tool.CHUNK_SIZE = %d
+    era_tool.install_signal_handlers()
+    sys.exit(era_tool.main(sys.argv[1:]))
+    """) % (HERE, RESUME_CHUNK)
+
+
+def small_chunk_tool(args, **kw):
+    kw.setdefault("preexec_fn", default_signals)
+    return subprocess.Popen([sys.executable, "-c", SMALL_CHUNK_TOOL] + list(args), **kw)
+
+
+class EraModel:
+    """A source file with dm-era's bookkeeping done by hand: the era each block was
+    last written in, and metadata (MetaBuilder) as a snapshot would show it."""
+
+    def __init__(self, tmp_path, blocks=64, seed=1):
+        self.tmp_path = tmp_path
+        self.blocks = blocks
+        self.rng = random.Random(seed)
+        self.path = write(tmp_path / "source.img", random_bytes(blocks * RESUME_BLOCK, seed))
+        self.eras = {}
+        self.era = 1
+        self.snapshots = 0
+
+    def write(self, count):
+        """Rewrite `count` random blocks now: they land in the current era."""
+        with open(self.path, "r+b") as f:
+            for _ in range(count):
+                block = self.rng.randrange(self.blocks)
+                f.seek(block * RESUME_BLOCK)
+                f.write(bytes(self.rng.getrandbits(8) for _ in range(64)) * (RESUME_BLOCK // 64))
+                self.eras[block] = self.era
+
+    def snapshot(self):
+        """take_metadata_snap: a new era begins; the metadata shows the blocks' eras."""
+        self.era += 1
+        self.snapshots += 1
+        return build(self.tmp_path, self.blocks, self.era, eras=self.eras.items(),
+                     name="meta%d.bin" % self.snapshots)
+
+    def since(self, era):
+        """The blocks written in era `era` or later."""
+        return {block for block, written in self.eras.items() if written >= era}
+
+
+def resume_token(mirror):
+    out = run_cli(["info", "--json", mirror])
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["resume_token"]
+
+
+def state_of(mirror):
+    path = mirror + ".era"
+    return json.loads(read(path)) if os.path.exists(path) else None
+
+
+def stream_total(path):
+    return era_tool.StreamHeader.read(era_tool.Input(path)).total_bytes
+
+
+def span_bytes(blocks, start, size):
+    """Bytes of these blocks at offset `start` or beyond."""
+    total = 0
+    for block in blocks:
+        begin, end = block * RESUME_BLOCK, min((block + 1) * RESUME_BLOCK, size)
+        total += max(0, end - max(begin, start))
+    return total
+
+
+class TestResume:
+    def test_killed_anywhere_and_resumed(self, tmp_path):
+        # 30 deaths each of a full copy and of an incremental: SIGKILL of copy, of
+        # apply, or the pipe cut between them, at a random byte of the stream; more
+        # writes land during the copy and before the resume (after the snapshot,
+        # below where it stopped too). Each resume gives the source exactly, and
+        # sends no more than the rest of the first list and what changed since.
+        rng = random.Random(16)
+        resumed = {"full": 0, "incremental": 0}
+        for trial in range(60):
+            kind = "full" if trial % 2 == 0 else "incremental"
+            case = tmp_path / ("t%d" % trial)
+            case.mkdir()
+            model = EraModel(case, seed=trial)
+            mirror = str(case / "mirror.img")
+            size = model.blocks * RESUME_BLOCK
+            if kind == "incremental":
+                shutil.copyfile(model.path, mirror)
+                model.snapshot()
+                era_tool.MirrorState(mirror + ".era").save("h:d", size, RESUME_BLOCK_SECTORS,
+                                                           model.era)
+                base = model.era
+                model.write(rng.randrange(10, 60))
+                meta = model.snapshot()
+                first = model.since(base)
+                copy = ["copy", "--metadata", meta, "--live", "--since", str(base)]
+            else:
+                model.snapshot()
+                first = set(range(model.blocks))
+                copy = ["copy", "--full", "--era", str(model.era)]
+            stream_era = model.era
+            before = state_of(mirror)
+            # A stop before the trailer: the stream is its chunks and a little more.
+            stop = rng.randrange(1, len(first) * (RESUME_BLOCK + era_tool.CHUNK.size))
+            sent = self.cut_run(copy + ["--source-id", "h:d", str(RESUME_BLOCK_SECTORS),
+                                        model.path], mirror, rng, model, stop)
+            state = state_of(mirror)
+            token = resume_token(mirror) if state else None
+            model.write(rng.randrange(0, 8))
+            if token is None:
+                # Killed before its first checkpoint: nothing recorded, nothing lost.
+                assert state == before, trial
+                continue
+            record = state["interrupted"]
+            assert record["applied_bytes"] < sent and record["era"] == stream_era
+            assert state["era"] == (None if before is None else before["era"])
+            meta = model.snapshot()
+            resume = ["copy", "--resume", token, "--metadata", meta, "--live",
+                      "--source-id", "h:d"] + (["--full"] if kind == "full" else []) + [
+                model.path, "-o", str(case / "resume.era")]
+            out = run_cli(resume)
+            assert out.returncode == 0, out.stderr
+            assert stream_total(str(case / "resume.era")) <= \
+                span_bytes(first, record["offset"], size) \
+                + span_bytes(model.since(stream_era), 0, size)
+            out = run_cli(["apply", "-i", str(case / "resume.era"), mirror])
+            assert out.returncode == 0, out.stderr
+            assert read(mirror) == read(model.path), (trial, kind)
+            state = state_of(mirror)
+            assert state["era"] == model.era and "interrupted" not in state
+            resumed[kind] += 1
+            shutil.rmtree(str(case))
+        # Most deaths come after a checkpoint: resumes were exercised, not skipped.
+        assert resumed["full"] >= 20 and resumed["incremental"] >= 20, resumed
+
+    @staticmethod
+    def interrupted(tmp_path, name="m", source_id="h:d"):
+        """A first full copy cut at half way: (model, mirror, token)."""
+        case = tmp_path / name
+        case.mkdir()
+        model = EraModel(case, seed=zlib.crc32(name.encode()))
+        model.snapshot()
+        stream = str(case / "full.era")
+        copy = small_chunk_tool(["copy", "--full", "--era", str(model.era), "--source-id",
+                                 source_id, str(RESUME_BLOCK_SECTORS), model.path, "-o", stream])
+        assert copy.wait(timeout=60) == 0
+        mirror = str(case / "mirror.img")
+        out = run_cli(["apply", "--checkpoint", "64K", mirror], stdin=read(stream)[:2 << 20])
+        assert out.returncode == 1 and b"resumes it" in out.stderr, out.stderr
+        return model, mirror, resume_token(mirror)
+
+    @staticmethod
+    def resume_stream(model, token, path, *extra):
+        meta = model.snapshot()
+        out = run_cli(["copy", "--full", "--resume", token, "--metadata", meta, "--live",
+                       "--source-id", "h:d"] + list(extra) + [model.path, "-o", str(path)])
+        assert out.returncode == 0, out.stderr
+        return str(path)
+
+    def test_info_shows_the_interruption_and_its_token(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        out = run_cli(["info", mirror])
+        assert out.returncode == 0
+        text = out.stdout.decode()
+        assert "stopped" in text and "copy --resume --full TOKEN" in text and token in text
+        assert re.match(r"\A[a-z2-7]+\Z", token), token
+        info = json.loads(run_cli(["info", "--json", mirror]).stdout)
+        assert info["interrupted"]["offset"] > 0 and info["era"] is None
+        # A mirror with nothing interrupted has no token.
+        done = tmp_path / "done.img"
+        write(done, b"")
+        era_tool.MirrorState(str(done) + ".era").save("h:d", 0, 8, 4)
+        assert json.loads(run_cli(["info", "--json", str(done)]).stdout)["resume_token"] is None
+
+    def test_resume_by_hand_with_block_lists(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        stream_era = model.era
+        model.write(5)                                  # after the first snapshot
+        model.snapshot()
+        xml = write(tmp_path / "since.xml", blocks_xml(ranges_of(model.since(stream_era))))
+        base = ["copy", "--full", "--resume", token, "--source-id", "h:d", model.path]
+        out = run_cli(base + ["--era", str(model.era), "-o", str(tmp_path / "r.era")])
+        assert out.returncode == 1 and not os.path.exists(str(tmp_path / "r.era"))
+        assert_one_line_error(out.stderr.decode(), "since era %d" % stream_era, "--list")
+        out = run_cli(base + ["--list", "%d=%s" % (stream_era, xml), "--era", str(model.era),
+                              "-o", str(tmp_path / "r.era")])
+        assert out.returncode == 0, out.stderr
+        out = run_cli(["apply", "-i", str(tmp_path / "r.era"), mirror])
+        assert out.returncode == 0, out.stderr
+        assert read(mirror) == read(model.path)
+        assert state_of(mirror)["era"] == model.era
+
+    def test_a_changed_token_is_refused_before_anything_is_read(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        meta = model.snapshot()
+        for bad in (token[:10] + ("a" if token[10] != "a" else "b") + token[11:],
+                    token[:-2], "x" + token[1:], "nonsense", token + "aa", "é"):
+            out = run_cli(["copy", "--full", "--resume", bad, "--metadata", meta, "--live",
+                           "--source-id", "h:d", model.path, "-o", str(tmp_path / "r.era")])
+            assert out.returncode == 1, (bad, out.stderr)
+            assert_one_line_error(out.stderr.decode(), "token")
+            assert not os.path.exists(str(tmp_path / "r.era"))
+
+    def test_token_of_another_mirror_or_source_is_refused(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path, "a")
+        other_model, other, other_token = self.interrupted(tmp_path, "b")
+        before, state = read(other), read(other + ".era")
+        stream = self.resume_stream(model, token, tmp_path / "r.era")
+        out = run_cli(["apply", "-i", stream, other])
+        assert out.returncode == 1
+        assert_one_line_error(out.stderr.decode(), "waits for", other_token)
+        assert read(other) == before and read(other + ".era") == state
+        # The same token with another --source-id: refused at copy.
+        meta = model.snapshot()
+        out = run_cli(["copy", "--full", "--resume", token, "--metadata", meta, "--live",
+                       "--source-id", "h:other", model.path, "-o", str(tmp_path / "x.era")])
+        assert out.returncode == 1 and not os.path.exists(str(tmp_path / "x.era"))
+        assert_one_line_error(out.stderr.decode(), "--source-id")
+        # Not a full copy's: --full must say so.
+        out = run_cli(["copy", "--resume", token, "--metadata", meta, "--live",
+                       "--source-id", "h:d", model.path, "-o", str(tmp_path / "x.era")])
+        assert out.returncode == 1
+        assert_one_line_error(out.stderr.decode(), "add --full")
+
+    def test_a_stale_token_is_refused_once_the_mirror_moved_on(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        stream = self.resume_stream(model, token, tmp_path / "r.era")
+        assert run_cli(["apply", "-i", stream, mirror]).returncode == 0
+        before, state = read(mirror), read(mirror + ".era")
+        # The same resume again, and a new one made from the old token.
+        again = self.resume_stream(model, token, tmp_path / "r2.era")
+        for path in (stream, again):
+            out = run_cli(["apply", "-i", path, mirror])
+            assert out.returncode == 1
+            assert_one_line_error(out.stderr.decode(), "records none", "incremental since era")
+            assert read(mirror) == before and read(mirror + ".era") == state
+
+    def test_a_resume_cut_again_is_resumed_again(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        model.write(6)
+        stream = self.resume_stream(model, token, tmp_path / "r.era")
+        data = read(stream)
+        out = run_cli(["apply", "--checkpoint", "64K", mirror], stdin=data[:len(data) // 2])
+        assert out.returncode == 1 and b"resumes it" in out.stderr
+        second = resume_token(mirror)
+        assert second != token
+        model.write(6)
+        final = self.resume_stream(model, second, tmp_path / "r2.era")
+        assert run_cli(["apply", "-i", final, mirror]).returncode == 0
+        assert read(mirror) == read(model.path)
+        assert state_of(mirror)["era"] == model.era
+
+    def test_undo_apply_cut_still_rolls_back_and_records_nothing(self, tmp_path):
+        case = UndoCase(tmp_path)
+        out = run_cli(["apply", "--checkpoint", "4K", "--undo", case.undo, case.mirror],
+                      stdin=case.stream[:len(case.stream) * 2 // 3])
+        assert out.returncode == 1 and b"rolled back" in out.stderr
+        assert read(case.mirror) == case.old and case.era() == 5
+        assert "interrupted" not in state_of(case.mirror)
+
+    def test_an_ordinary_incremental_still_goes_onto_an_interrupted_mirror(self, tmp_path):
+        # The era stays while a stream is cut: the next incremental from it (or a full
+        # copy) repairs everything, as it did before resumes existed.
+        case = UndoCase(tmp_path)
+        out = run_cli(["apply", "--checkpoint", "4K", case.mirror],
+                      stdin=case.stream[:len(case.stream) * 2 // 3])
+        assert out.returncode == 1 and resume_token(case.mirror)
+        out = run_cli(["apply", "-i", case.stream_path, case.mirror])
+        assert out.returncode == 0, out.stderr
+        assert read(case.mirror) == case.new and case.era() == 9
+        assert "interrupted" not in state_of(case.mirror)
+
+    def test_token_round_trip_and_layers(self):
+        token = era_tool.ResumeToken(0xdeadbeef, 0x1234, 1 << 40, 1024, 7, 123 << 20,
+                                     ((3, 123 << 20), (8, 0)))
+        text = token.encode()
+        assert era_tool.ResumeToken.decode(text) == token
+        assert era_tool.ResumeToken.decode(text.upper()) == token
+        # A stream since era 3 cut at 100: its rest, and all since its era 8.
+        assert era_tool.resume_layers(((3, 0),), 100, 8) == ((3, 100), (8, 0))
+        # That resume cut again at 50: era 3 still from 100, era 8 from 50, all since 11.
+        assert era_tool.resume_layers(((3, 100), (8, 0)), 50, 11) == \
+            ((3, 100), (8, 50), (11, 0))
+        # ...and cut at 200 instead: era 3's layer from 200 is inside era 8's from 200.
+        assert era_tool.resume_layers(((3, 100), (8, 0)), 200, 11) == ((3, 200), (11, 0))
+        # Never more than MAX_LAYERS, and the merge holds both (the lower offset).
+        covers = tuple((era, 1000 - era) for era in range(1, 12))
+        merged = era_tool.resume_layers(covers, 0, 20)
+        assert len(merged) == era_tool.MAX_LAYERS and merged[0] == (1, 1000 - 5)
+
+    def test_a_damaged_record_is_a_damaged_state(self, tmp_path):
+        model, mirror, token = self.interrupted(tmp_path)
+        state = state_of(mirror)
+        state["interrupted"]["offset"] = state["interrupted"]["device_size"] + 1
+        write(mirror + ".era", json.dumps(state).encode())
+        out = run_cli(["info", mirror])
+        assert out.returncode == 1
+        assert_one_line_error(out.stderr.decode(), "damaged", "interrupted")
+
+    @staticmethod
+    def cut_run(copy_args, mirror, rng, model, stop):
+        """copy | apply, ended at byte `stop` of the stream; return the bytes passed."""
+        copy = small_chunk_tool(copy_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        apply_ = small_chunk_tool(["apply", "--checkpoint", "64K", mirror],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        how = rng.choice(["kill copy", "kill apply", "cut"])
+        sent = 0
+        writes = {stop // 3, 2 * stop // 3}
+        while sent < stop:
+            piece = copy.stdout.read1(min(65536, stop - sent)) \
+                if hasattr(copy.stdout, "read1") else copy.stdout.read(min(4096, stop - sent))
+            if not piece:
+                break
+            try:
+                apply_.stdin.write(piece)
+                apply_.stdin.flush()
+            except BrokenPipeError:
+                break
+            sent += len(piece)
+            for mark in sorted(writes):
+                if sent >= mark:
+                    model.write(2)      # a writer on the source, after the snapshot
+                    writes.discard(mark)
+        if how == "kill apply":
+            time.sleep(rng.random() * 0.2)
+            apply_.kill()
+        if how in ("kill copy", "kill apply"):
+            copy.kill()
+        try:
+            apply_.stdin.close()
+        except BrokenPipeError:
+            pass
+        copy.stdout.close()
+        copy.wait(timeout=60)
+        apply_.wait(timeout=60)
+        for proc in (copy, apply_):
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+            assert "Traceback" not in err, err
+        apply_.stdout.close()
+        return sent
 
 
 # ---------------------------------------------------------------------------
@@ -5176,6 +5548,20 @@ class FuzzCase:
             "%s: not one error line:\n%s" % (where, err)
         assert not FUZZ_BUG.search(lines[0]), "%s: a bug:\n%s" % (where, err)
         mirror, state = fuzz_snapshot(self.mirror), fuzz_snapshot(self.state_path)
+        if kind == "apply" and "shows the token that resumes it" in err:
+            # Stopped midway, its progress recorded: the state gains that record and keeps
+            # the rest (a new mirror gets one with no era); the mirror holds what was applied.
+            now = json.loads(state[2])
+            assert now["interrupted"]["offset"] > 0, "%s: no offset\n%s" % (where, err)
+            old = json.loads(before[1][2]) if before[1][0] == "file" else None
+            keep = ("source_id", "source_size", "block_size", "era", "stream_crc")
+            if old is None:
+                assert now["era"] is None, "%s: a new mirror got an era\n%s" % (where, err)
+            else:
+                assert {k: now.get(k) for k in keep} == {k: old.get(k) for k in keep}, \
+                    "%s: exit 1 changed the state file\n%s" % (where, err)
+            assert mirror[0] == "file", "%s: the mirror is gone\n%s" % (where, err)
+            return
         if kind == "apply" and "partially updated" in err and state != before[1]:
             # An undo file written back in part: the state says a step back stopped midway.
             assert era_tool.MirrorState.load(self.state_path).stepping_back is not None, \
@@ -5884,6 +6270,107 @@ class TestDmEraVerify:
 
 
 @needs_dm_era
+class TestDmEraResume:
+    SIZE = 64 * MiB
+
+    # copy with the changes since the first snapshot left out: "new snapshot, old offset".
+    NAIVE_TOOL = textwrap.dedent("""\
+        import sys
+        sys.path.insert(0, %r)
+        import era_tool
+        right = era_tool.resume_spans
+        era_tool.resume_spans = lambda layers, *rest: right(layers[:1], *rest)
+        sys.exit(era_tool.main(sys.argv[1:]))
+        """) % HERE
+
+    @staticmethod
+    def cut(mirror, copy_args, stop):
+        """copy | apply with the pipe cut after `stop` bytes of the stream."""
+        copy = subprocess.Popen([sys.executable, TOOL, "copy"] + [str(a) for a in copy_args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        apply_ = subprocess.Popen([sys.executable, TOOL, "apply", "--checkpoint", "1M",
+                                   str(mirror)], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        sent = 0
+        while sent < stop:
+            piece = copy.stdout.read(min(1 << 16, stop - sent))
+            if not piece:
+                break
+            apply_.stdin.write(piece)
+            sent += len(piece)
+        apply_.stdin.close()
+        copy.kill()
+        copy.communicate(timeout=120)
+        _, err = apply_.communicate(timeout=120)
+        assert sent == stop and apply_.returncode == 1 and b"resumes it" in err, err
+
+    def resume(self, name, meta, mirror, node, naive, full):
+        info = json.loads(tool("info", "--json", mirror).stdout)
+        token, record = info["resume_token"], info["interrupted"]
+        assert token and record["offset"] > 0
+        # Through the era device, below where the apply stopped, after its snapshot: what
+        # the first copy had read there is stale now.
+        for offset in (0, record["offset"] // 2):
+            write_direct(node, offset, os.urandom(4096))
+        runner = [sys.executable, "-c", self.NAIVE_TOOL] if naive else [sys.executable, TOOL]
+        dm_message(name, "take_metadata_snap")
+        try:
+            era, _ = era_status(name)
+            copy = subprocess.Popen(runner + ["copy", "--resume", token, "--metadata", meta,
+                                              "--source-id", "vm:resume"]
+                                    + (["--full"] if full else []) + [node],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            applied = tool("apply", mirror, stdin=copy.stdout)
+            copy.stdout.close()
+            _, copy_err = copy.communicate(timeout=300)
+        finally:
+            dm_message(name, "drop_metadata_snap")
+        assert copy.returncode == 0 and applied.returncode == 0, (copy_err, applied.stderr)
+        state = mirror_state(mirror)
+        assert state["era"] == era and "interrupted" not in state
+        return era
+
+    @pytest.mark.parametrize("naive", [False, True], ids=["resume", "naive"])
+    def test_full_and_incremental_cut_and_resumed_under_writes(self, dm, tmp_path, naive):
+        name, node = dm.era(self.SIZE)
+        write_direct(node, 0, os.urandom(self.SIZE))
+        mirror = tmp_path / "mirror.img"
+        writer = DirectWriter(node, self.SIZE, seed=16)
+        writer.start()
+        try:
+            dm_message(name, "take_metadata_snap")
+            try:
+                era, _ = era_status(name)
+                self.cut(mirror, ["--full", "--era", era, "--source-id", "vm:resume",
+                                  ERA_SECTORS, node], self.SIZE // 2)
+            finally:
+                dm_message(name, "drop_metadata_snap")
+            era = self.resume(name, dm.meta, mirror, node, naive, full=True)
+            write_direct(node, 16 * MiB, os.urandom(8 * MiB))   # an incremental worth cutting
+            dm_message(name, "take_metadata_snap")
+            try:
+                size = json.loads(tool("copy", "--metadata", dm.meta, "--since", era,
+                                       "--json").stdout)["bytes"]
+                assert size >= 8 * MiB, size
+                self.cut(mirror, ["--metadata", dm.meta, "--since", era, "--source-id",
+                                  "vm:resume", node], size // 2)
+            finally:
+                dm_message(name, "drop_metadata_snap")
+            era = self.resume(name, dm.meta, mirror, node, naive, full=False)
+        finally:
+            writer.stop()
+        assert writer.writes > 0
+        # Idle now: one last ordinary pass, and the mirror must be the device.
+        era_pass(name, node, dm.meta, mirror, era, "vm:resume")
+        truth = read_direct(node, 0, self.SIZE)
+        image = read_file(mirror)
+        if naive:
+            # The writes below the offset after the first snapshot are lost for good.
+            assert image != truth, "the naive resume was not caught"
+        else:
+            assert image == truth, diff_offsets(image, truth)
+
+
+@needs_dm_era
 class TestDmEraFilesystem:
     SIZE = 32 * MiB
 
@@ -6175,6 +6662,39 @@ class TestDmEraBackupScript:
         era, snap = era_status(rig.name)
         assert mirror_state(rig.mirror)["era"] == era
         assert snap == "-", "backup.sh left a metadata snapshot"
+
+    def test_a_cut_pass_is_resumed_by_the_next_run(self, rig, tmp_path):
+        unmount(rig.mnt)
+        write_direct(rig.node, 0, os.urandom(self.SIZE))    # no zero chunks: a long stream
+        # The connection drops after 12 MiB of a pass (not of the estimates: they are short).
+        cut = str(tmp_path / "cut-ssh")
+        with open(cut, "w") as f:
+            f.write('#!/bin/sh\n%s "$@" | head -c %d\n' % (rig.ssh, 12 * MiB))
+        os.chmod(cut, 0o755)
+        settings = dict(MOUNTPOINT="", COMPRESS="none")
+        for kind in ("full", "incremental"):
+            writer = DirectWriter(rig.node, self.SIZE, seed=18)
+            writer.start()
+            try:
+                if kind == "incremental":
+                    write_direct(rig.node, 4 * MiB, os.urandom(20 * MiB))
+                dropped = rig.run(SSH=cut, **settings)
+            finally:
+                writer.stop()
+            assert dropped.returncode == 1, dropped.stderr
+            assert "the next run resumes it" in dropped.stderr
+            record = mirror_state(rig.mirror)["interrupted"]
+            # Below where it stopped, after its snapshot: only a right resume carries it.
+            write_direct(rig.node, record["offset"] // 2, os.urandom(4096))
+            again = rig.run(**settings)
+            assert again.returncode == 0, again.stderr
+            assert "resuming the interrupted %s pass: %d bytes of it left" % (
+                kind, record["total_bytes"] - record["applied_bytes"]) in again.stderr
+            assert "first backup" not in again.stderr
+            truth = read_direct(rig.node, 0, self.SIZE)
+            image = read_file(rig.mirror)
+            assert image == truth, diff_offsets(image, truth)
+            assert "interrupted" not in mirror_state(rig.mirror)
 
     def test_verify_finds_and_repairs_writes_behind_dm_eras_back(self, rig):
         unmount(rig.mnt)                  # the writes below would puzzle a mounted ext4
