@@ -4510,6 +4510,9 @@ examples:
   python3 era_tool.py copy --full 1024 /dev/mapper/root_era -o full.era
   python3 era_tool.py copy --metadata /dev/sda3 --since 42 /dev/mapper/root_era > delta.era
       the block list, block size and eras straight from the metadata snapshot
+  python3 era_tool.py copy --resume TOKEN --metadata /dev/sda3 /dev/mapper/root_era > rest.era
+      the rest of an apply that stopped midway ('info MIRROR' prints TOKEN), from a new
+      snapshot; --full for a first full copy
 """
 
 

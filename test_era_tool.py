@@ -6300,7 +6300,9 @@ class TestDmEraResume:
         apply_.stdin.close()
         copy.kill()
         copy.communicate(timeout=120)
-        _, err = apply_.communicate(timeout=120)
+        err = apply_.stderr.read()
+        apply_.stderr.close()
+        apply_.wait(timeout=120)
         assert sent == stop and apply_.returncode == 1 and b"resumes it" in err, err
 
     def resume(self, name, meta, mirror, node, naive, full):
