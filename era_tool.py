@@ -124,6 +124,9 @@ The parts of this file, in order (each a section headed by a comment box):
     Mirror state                MirrorState: the state file, the chain
                                 guard, the mirror's lock
     Undo                        UndoLog (written by apply --undo), UndoFile
+    Versions                    Versions (the chain of a mirror's undo files),
+                                VersionImage: one version's bytes, read-only
+    NBD                         NbdServer: a version served to nbd-client
     Sums                        SumHeader, sum_device() and verify_mirror():
                                 the engines of sum and verify
     Messages and progress       Progress, warn(), err(), shown(), say()
@@ -166,7 +169,7 @@ __all__ = [
     "BlockFile", "Source", "Destination", "Output",
     "StreamHeader", "Chunk", "chunk_crc", "StreamWriter", "LegacyWriter",
     "Input", "StreamReader", "LegacyReader",
-    "MirrorState", "UndoLog", "UndoFile",
+    "MirrorState", "UndoLog", "UndoFile", "Version", "Versions", "VersionImage", "NbdServer",
     "read_ahead", "copy_device", "write_chunks", "apply_stream", "roll_back",
     "build_parser", "main",
 ]
@@ -267,6 +270,52 @@ SUM_RANGE = struct.Struct("<II")
 SUM_TRAILER_FIELDS = struct.Struct("<4sI")
 TAG_CHANGED = b"CHNG"
 EXIT_DIFFERS = 3                  # verify: the mirror diverged from its source
+
+# NBD (serve): the fixed newstyle handshake and simple replies; big-endian.
+NBD_INIT_MAGIC = b"NBDMAGIC"
+NBD_OPTS_MAGIC = 0x49484156454F5054   # "IHAVEOPT": before each option
+NBD_REPLY_OPT_MAGIC = 0x3E889045565A9
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_REPLY_MAGIC = 0x67446698
+NBD_FLAG_FIXED_NEWSTYLE = 1            # handshake flags (the server's)
+NBD_FLAG_NO_ZEROES = 2
+NBD_FLAG_C_FIXED_NEWSTYLE = 1          # client flags
+NBD_FLAG_C_NO_ZEROES = 2
+# HAS_FLAGS, READ_ONLY, CAN_MULTI_CONN: every connection sees the same bytes
+NBD_TRANSMISSION_FLAGS = 1 | 2 | 256
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_ERR_UNSUP = (1 << 31) + 1
+NBD_REP_ERR_INVALID = (1 << 31) + 3
+NBD_INFO_EXPORT = 0
+NBD_INFO_BLOCK_SIZE = 3
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_CACHE = 5
+NBD_CMD_WRITE_ZEROES = 6
+NBD_MAX_READ = 32 << 20                # the largest request served (the protocol's usual limit)
+NBD_MAX_OPTION = 1 << 16               # an option's data: a name of at most 4096 bytes and a few more
+NBD_MAX_CLIENTS = 16
+NBD_BACKLOG = 8
+NBD_SERVER_HELLO = struct.Struct(">QH")       # after NBDMAGIC: IHAVEOPT, handshake flags
+NBD_CLIENT_FLAGS = struct.Struct(">I")
+NBD_OPTION = struct.Struct(">QII")            # magic, option, length; then its data
+NBD_OPTION_REPLY = struct.Struct(">QIII")     # magic, option, reply type, length; then data
+NBD_EXPORT_INFO = struct.Struct(">HQH")       # NBD_INFO_EXPORT, size, transmission flags
+NBD_BLOCK_SIZES = struct.Struct(">HIII")      # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+NBD_REQUEST = struct.Struct(">IHHQQI")        # magic, flags, type, handle, offset, length
+NBD_REPLY = struct.Struct(">IIQ")             # magic, error, handle; then a read's data
+NBD_U32 = struct.Struct(">I")
+NBD_U16 = struct.Struct(">H")
 
 STATE_SUFFIX = ".era"             # mirror.img -> mirror.img.era
 STATE_FORMAT = "era_tool mirror state"
@@ -1712,8 +1761,8 @@ class Destination:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DeviceError("%s is being written by another era_tool (apply or rollback); "
-                              "one at a time" % self.path) from None
+            raise DeviceError("%s is in use by another era_tool (apply, rollback, verify, export "
+                              "or serve); one at a time" % self.path) from None
 
     def remove_if_created(self):
         """A refused apply leaves no mirror file that was not there before."""
@@ -2714,8 +2763,8 @@ class MirrorState:
         try:
             fcntl.flock(dest.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DeviceError("%s is being written by another era_tool (apply or rollback); "
-                              "one at a time" % dest.path) from None
+            raise DeviceError("%s is in use by another era_tool (apply, rollback, verify, export "
+                              "or serve); one at a time" % dest.path) from None
 
     @classmethod
     def load(cls, path, force=False):
@@ -3159,12 +3208,15 @@ class ChunkIndex:
     def __len__(self):
         return len(self.zero)
 
-    def __reversed__(self):
+    def __getitem__(self, index):
         numbers, places = self.numbers, self.places
+        return Chunk(TAG_ZERO if self.zero[index] else TAG_DATA, numbers[3 * index],
+                     places[2 * index], numbers[3 * index + 1], numbers[3 * index + 2],
+                     places[2 * index + 1], None)
+
+    def __reversed__(self):
         for index in range(len(self.zero) - 1, -1, -1):
-            yield Chunk(TAG_ZERO if self.zero[index] else TAG_DATA, numbers[3 * index],
-                        places[2 * index], numbers[3 * index + 1], numbers[3 * index + 2],
-                        places[2 * index + 1], None)
+            yield self[index]
 
 
 class UndoFile:
@@ -3286,6 +3338,543 @@ def check_undo_fits(header, dest, path):
                          "has %d bytes: wrong mirror? (--force goes on anyway)"
                          % (shown(path), header.device_size, after, shown(dest.path),
                             dest.size))
+
+
+# ---------------------------------------------------------------------------
+# Versions: what the mirror and its undo files give back, read-only
+# ---------------------------------------------------------------------------
+
+
+class Version(collections.namedtuple("Version", "era size applied replaced undo chain")):
+    """A version a mirror can give back.
+
+    era: the era it was at; size: its bytes; applied: when the apply that
+    made it ran (None where nothing recorded it); replaced: when the apply
+    that replaced it began (None for the mirror's own); undo: the undo file
+    of that apply, which holds what it overwrote (None for the mirror's own);
+    chain: the undo files that take the mirror back to it, newest first.
+    """
+
+
+class Versions:
+    """A mirror's versions: its own, and an older one per undo file of its chain.
+
+    The chain runs down from the mirror's state: the newest link is the undo
+    file whose apply took the mirror to the era and stream its state names,
+    the next the one whose apply took it to where that one leads back, and
+    so on (by era, and by stream where the undo files name it).  It stops at
+    the first link that is missing, cut short or damaged: the versions beyond
+    it cannot be rebuilt, and `problems` says why, with any undo file left
+    outside the chain.  Every undo file in it is read through and checked
+    here.  The mirror and the undo files are opened read-only, and the
+    mirror is locked shared while this lives: an apply or rollback cannot
+    change it under a reader (nor can a reader start under them).
+    """
+
+    def __init__(self, mirror, state=None, undo_paths=None):
+        self.path = mirror
+        self.opened = []              # every UndoFile read, closed at close()
+        self.versions = []
+        self.problems = []            # (undo file or None, what is wrong)
+        self.state_path = MirrorState.path_for(mirror, state)
+        try:
+            self.mirror = BlockFile(mirror, os.O_RDONLY, "mirror ", direct=True)
+        except OSError as exc:
+            raise _os_error(exc, "cannot open %s" % mirror) from None
+        try:
+            import fcntl
+            try:
+                fcntl.flock(self.mirror.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DeviceError("%s is being written by another era_tool (apply or "
+                                  "rollback): read it after that" % mirror) from None
+            self._read_chain(undo_paths)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_chain(self, undo_paths):
+        mirror = self.path
+        if self.state_path is None:
+            raise ChainError("%s is a block device: --state FILE names its state file"
+                             % shown(mirror))
+        state = MirrorState.load(self.state_path)
+        if not state.known or state.era is None:
+            raise ChainError("%s has no recorded version (no era in %s): nothing to give back"
+                             % (shown(mirror), shown(self.state_path)))
+        if state.stepping_back is not None:
+            raise ChainError("a step back of %s stopped midway, so it holds parts of two "
+                             "versions: finish it first (rollback UNDO_FILE %s)"
+                             % (shown(mirror), shown(mirror)))
+        if state.interrupted is not None:
+            raise ChainError("an apply into %s stopped midway, so it holds parts of two "
+                             "versions: resume it first (info %s shows the token)"
+                             % (shown(mirror), shown(mirror)))
+        size = state.source_size
+        if not self.mirror.is_block and self.mirror.size() != size:
+            raise ChainError("%s has %d bytes but its state (%s) says %d: changed behind "
+                             "era_tool's back?" % (shown(mirror), self.mirror.size(),
+                                                   shown(self.state_path), size))
+        self.source_id, self.block_size = state.source_id, state.block_size
+        self.versions.append(Version(state.era, size, state.applied, None, None, ()))
+        left = self._undo_files(undo_paths)
+        era, crc, chain = state.era, state.stream_crc, []
+        while True:
+            undo = next((undo for undo in left if self._leads_to(undo.header, era, crc)), None)
+            if undo is None:
+                break
+            left.remove(undo)
+            header = undo.header
+            problem = None
+            if undo.damage is not None:
+                problem = "is damaged (%s)" % undo.damage
+            elif not undo.complete:
+                problem = "is cut short (its apply did not finish)"
+            elif header.target_size is not None and not self.mirror.is_block \
+                    and header.target_size != size:
+                problem = "is for a version of %d bytes, but the one at era %d has %d" % (
+                    header.target_size, era, size)
+            if problem is not None:
+                self.problems.append((undo.path, "%s: the versions before era %d cannot be "
+                                                 "rebuilt" % (problem, era)))
+                break
+            if header.era is None:
+                break                 # it goes back to a mirror with no era: not a version
+            chain.append(undo.path)
+            self.versions.append(Version(header.era, header.device_size, None, header.created,
+                                         undo.path, tuple(chain)))
+            era, crc, size = header.era, header.previous_crc, header.device_size
+        # A version was made by the apply that the next older one's undo file started.
+        for index in range(1, len(self.versions) - 1):
+            self.versions[index] = self.versions[index]._replace(
+                applied=self.versions[index + 1].replaced)
+        for undo in left:
+            header = undo.header
+            self.problems.append((undo.path, "is not in the chain, which stops at era %d (no "
+                                             "undo file left goes back from there): it goes "
+                                             "back from era %s to era %s" % (
+                                                 era, header.since_era, header.era)))
+
+    def _leads_to(self, header, era, crc):
+        """Whether the apply of this undo file took the mirror to `era` and stream `crc`."""
+        return header.since_era == era and header.source_id == self.source_id \
+            and header.block_size == self.block_size \
+            and (crc is None or header.target_crc is None or header.target_crc == crc)
+
+    def _undo_files(self, paths):
+        """The undo files named (else MIRROR.undo.* beside the mirror, newest name first), read."""
+        if paths is None:
+            directory, name = os.path.split(self.path)
+            try:
+                names = os.listdir(directory or ".")
+            except OSError as exc:
+                raise _os_error(exc, "cannot list %s" % (directory or ".")) from None
+            paths = [os.path.join(directory, other) for other in sorted(names, reverse=True)
+                     if other.startswith(name + ".undo.")]
+        found, seen = [], set()
+        for path in paths:
+            try:
+                undo = UndoFile(path)
+            except EraError as exc:
+                self.problems.append((path, "cannot be read: %s" % exc))
+                continue
+            self.opened.append(undo)
+            info = undo.file.info
+            if (info.st_dev, info.st_ino) in seen:
+                continue              # named twice (a link): one file
+            seen.add((info.st_dev, info.st_ino))
+            if undo.header is not None:  # else its apply changed nothing: no version
+                found.append(undo)
+        return found
+
+    def select(self, era=None):
+        """The newest version at `era` (None: the mirror's own); refused with why if none."""
+        if era is None:
+            return self.versions[0]
+        for version in self.versions:
+            if version.era == era:
+                return version
+        why = "; ".join("%s %s" % (shown(path), problem) for path, problem in self.problems)
+        raise ChainError("%s has no version at era %d that can be rebuilt (it has era%s %s)%s"
+                         % (shown(self.path), era, "s" if len(self.versions) > 1 else "",
+                            ", ".join(str(version.era) for version in self.versions),
+                            ": " + why if why else ""))
+
+    def inputs(self):
+        """(label, path) of every file read: no output may be one of them."""
+        return [("MIRROR %s" % self.path, self.path),
+                ("the state file %s" % self.state_path, self.state_path)] + \
+            [("undo file %s" % undo.path, undo.path) for undo in self.opened]
+
+    def image(self, version):
+        return VersionImage(self, version)
+
+    def close(self):
+        for undo in self.opened:
+            undo.close()
+        self.opened = []
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class VersionImage:
+    """One version's bytes, read from the mirror and the undo files of its chain.
+
+    Each region comes from the undo file closest to the version that holds
+    it (the oldest of the chain first: it saved the content the version had;
+    within one undo file the first chunk of a region, saved before anything
+    overwrote it), and the rest from the mirror.  A source for read_ahead
+    and the NBD server: read() is safe from several threads.  Undo data is
+    read a whole chunk at a time and its checksum checked again before use.
+    """
+
+    def __init__(self, versions, version):
+        self.versions = versions
+        self.version = version
+        self.size = version.size
+        self.mirror = versions.mirror
+        by_path = {undo.path: undo for undo in versions.opened}
+        self.layers = [by_path[path] for path in reversed(version.chain)]
+        self.local = threading.local()
+        self._map()
+
+    def _map(self):
+        """Sort the undo chunks into pieces: starts, ends, layer and chunk of each."""
+        import heapq
+        items = []
+        for rank, undo in enumerate(self.layers):
+            places, numbers = undo.chunks.places, undo.chunks.numbers
+            for number in range(len(undo.chunks)):
+                start = places[2 * number]
+                end = min(start + numbers[3 * number + 1], self.size)
+                if start < end:
+                    # The item's place in this list is its priority: the first wins.
+                    items.append((start, len(items), end, rank, number))
+        items.sort()
+        points = sorted(set(item[0] for item in items) | set(item[2] for item in items))
+        self.starts, self.ends = array.array(U64), array.array(U64)
+        self.ranks, self.numbers = array.array("i"), array.array(U64)
+        heap, next_item = [], 0
+        for index, point in enumerate(points[:-1]):
+            while next_item < len(items) and items[next_item][0] == point:
+                _, order, end, rank, number = items[next_item]
+                heapq.heappush(heap, (order, end, rank, number))
+                next_item += 1
+            while heap and heap[0][1] <= point:
+                heapq.heappop(heap)   # ended: what lies below it wins from here
+            if not heap:
+                continue
+            _, _, rank, number = heap[0]
+            if self.ends and self.ends[-1] == point and self.ranks[-1] == rank \
+                    and self.numbers[-1] == number:
+                self.ends[-1] = points[index + 1]
+            else:
+                self.starts.append(point)
+                self.ends.append(points[index + 1])
+                self.ranks.append(rank)
+                self.numbers.append(number)
+
+    def read(self, offset, length, buffer):
+        """Exactly `length` bytes of the version at `offset`, into `buffer`; return a view."""
+        import bisect
+        stop = offset + length
+        if offset < 0 or stop > self.size:
+            raise ShortRead("the version at era %d ends at offset %d, expected %d bytes"
+                            % (self.version.era, self.size, stop), 0)
+        view = memoryview(buffer)[:length]
+        first = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        pieces, mirror_end, position = [], offset, offset
+        index = first
+        while index < len(self.starts) and self.starts[index] < stop:
+            start, end = self.starts[index], self.ends[index]
+            if end > offset:
+                if start > position:
+                    mirror_end = start    # a gap before it: the mirror's
+                pieces.append(index)
+                position = end
+            index += 1
+        if position < stop:
+            mirror_end = stop
+        if mirror_end > offset:
+            # One read for all the mirror holds here; undo data goes over it after.
+            self.mirror.read(offset, mirror_end - offset, buffer)
+        for index in pieces:
+            start, end = max(self.starts[index], offset), min(self.ends[index], stop)
+            chunk, payload = self._chunk(self.ranks[index], self.numbers[index])
+            if payload is None:
+                view[start - offset:end - offset] = bytes(end - start)
+            else:
+                view[start - offset:end - offset] = \
+                    payload[start - chunk.offset:end - chunk.offset]
+        return view
+
+    def _chunk(self, rank, number):
+        """An undo chunk and its payload (None: a zero chunk), checked; the last one kept."""
+        local = self.local
+        if getattr(local, "key", None) == (rank, number):
+            return local.chunk, local.payload
+        undo = self.layers[rank]
+        chunk = undo.chunks[number]
+        payload = None
+        if chunk.tag == TAG_DATA:
+            if getattr(local, "buffer", None) is None or len(local.buffer) < chunk.length:
+                local.buffer = aligned_buffer(max(chunk.length, undo.header.chunk_size))
+            try:
+                payload = undo.file.read(chunk.position, chunk.length, local.buffer)
+            except ShortRead:
+                payload = None
+                raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
+                                       % (shown(undo.path), chunk.seq)) from None
+            fields = CHUNK_FIELDS.pack(chunk.tag, chunk.seq, chunk.offset, chunk.length)
+            if chunk_crc(undo.header.crc, fields, payload) != chunk.crc:
+                raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
+                                       % (shown(undo.path), chunk.seq))
+        local.key, local.chunk, local.payload = (rank, number), chunk, payload
+        return chunk, payload
+
+
+# ---------------------------------------------------------------------------
+# NBD: a version served read-only to nbd-client, over a Unix socket
+# ---------------------------------------------------------------------------
+
+
+class NbdServer:
+    """A read-only NBD server (fixed newstyle handshake, simple replies) of one image.
+
+    Each client gets a thread.  Any request that would write is answered
+    EPERM, a read past the end or a command not known EINVAL, a failed read
+    EIO; a client that breaks the protocol (bad magic, an option too long to
+    be one) is disconnected.  Nothing here opens anything for writing.
+    """
+
+    def __init__(self, image, path, log):
+        import socket
+        self.image = image
+        self.path = path
+        self.log = log
+        self.reads = 0
+        self.clients = {}             # connection -> its thread
+        self.guard = threading.Lock()
+        self._claim_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a temporary name, then linked to its own: a
+        # client never finds the name before it answers, and nothing is replaced.
+        temporary = "%s.%d.new" % (path, os.getpid())
+        old = os.umask(0o177)         # the socket 0600: it gives a disk's image to whoever connects
+        try:
+            self.sock.bind(temporary)
+            self.sock.listen(NBD_BACKLOG)
+            os.link(temporary, path)
+        except OSError as exc:
+            self.sock.close()
+            raise _os_error(exc, "cannot create socket %s" % path) from None
+        finally:
+            os.umask(old)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+        self.identity = os.stat(path).st_ino
+
+    def _claim_path(self):
+        """A socket left by a server that died is replaced; a live one or anything else is not."""
+        import socket
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(exc, "cannot use %s" % self.path) from None
+        if not stat.S_ISSOCK(info.st_mode):
+            raise EraError("%s exists and is not a socket: give a new name" % shown(self.path))
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)      # nobody listens: a dead server's
+            return
+        finally:
+            probe.close()
+        raise EraError("%s is being served by another process" % shown(self.path))
+
+    def serve_forever(self):
+        """Accept clients until interrupted (KeyboardInterrupt: SIGINT, SIGTERM, SIGHUP)."""
+        while True:
+            conn, _ = self.sock.accept()
+            with self.guard:
+                if len(self.clients) >= NBD_MAX_CLIENTS:
+                    conn.close()
+                    self.log("a client was turned away: %d are connected" % NBD_MAX_CLIENTS)
+                    continue
+                thread = threading.Thread(target=self._client, args=(conn,), daemon=True,
+                                          name="era_tool nbd client")
+                self.clients[conn] = thread
+            thread.start()
+
+    def close(self):
+        import socket
+        self.sock.close()
+        try:
+            if os.stat(self.path).st_ino == self.identity:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        with self.guard:
+            clients = list(self.clients.items())
+        for conn, _ in clients:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)   # a client thread's read returns
+            except OSError:
+                pass
+        for _, thread in clients:
+            thread.join(1)
+
+    def _client(self, conn):
+        try:
+            try:
+                if self._handshake(conn):
+                    self._transmission(conn)
+            except _NbdClosed as exc:
+                if str(exc):
+                    self.log("a client was disconnected: %s" % exc)
+            except OSError:
+                pass                  # the client went away
+        finally:
+            with self.guard:
+                self.clients.pop(conn, None)
+            conn.close()
+
+    def _handshake(self, conn):
+        """Option haggling; True once the client asked to go to transmission."""
+        image = self.image
+        conn.sendall(NBD_INIT_MAGIC + NBD_SERVER_HELLO.pack(
+            NBD_OPTS_MAGIC, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+        (client_flags,) = NBD_CLIENT_FLAGS.unpack(_recv_exact(conn, NBD_CLIENT_FLAGS.size))
+        if client_flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+            raise _NbdClosed("unknown client flags 0x%x" % client_flags)
+        fixed = client_flags & NBD_FLAG_C_FIXED_NEWSTYLE
+        export = NBD_EXPORT_INFO.pack(NBD_INFO_EXPORT, image.size, NBD_TRANSMISSION_FLAGS)
+        while True:
+            magic, option, length = NBD_OPTION.unpack(_recv_exact(conn, NBD_OPTION.size))
+            if magic != NBD_OPTS_MAGIC:
+                raise _NbdClosed("bad option magic 0x%x" % magic)
+            if length > NBD_MAX_OPTION:
+                raise _NbdClosed("an option of %d bytes" % length)
+            data = _recv_exact(conn, length)
+            if option == NBD_OPT_EXPORT_NAME:
+                # The only export has every name: nbd-client asks for "" by default.
+                conn.sendall(export[2:] + (b"" if client_flags & NBD_FLAG_C_NO_ZEROES
+                                           else bytes(124)))
+                return True
+            if not fixed:
+                raise _NbdClosed("option %d from a client without the fixed handshake"
+                                 % option)
+            if option == NBD_OPT_ABORT:
+                _nbd_reply(conn, option, NBD_REP_ACK)
+                return False
+            if option == NBD_OPT_LIST:
+                if length:
+                    _nbd_reply(conn, option, NBD_REP_ERR_INVALID)
+                    continue
+                _nbd_reply(conn, option, NBD_REP_SERVER, NBD_U32.pack(0))
+                _nbd_reply(conn, option, NBD_REP_ACK)
+            elif option in (NBD_OPT_INFO, NBD_OPT_GO):
+                wanted = _nbd_info_requests(data)
+                if wanted is None:
+                    _nbd_reply(conn, option, NBD_REP_ERR_INVALID)
+                    continue
+                _nbd_reply(conn, option, NBD_REP_INFO, export)
+                if NBD_INFO_BLOCK_SIZE in wanted:
+                    _nbd_reply(conn, option, NBD_REP_INFO, NBD_BLOCK_SIZES.pack(
+                        NBD_INFO_BLOCK_SIZE, 1, DIRECT_ALIGN, NBD_MAX_READ))
+                _nbd_reply(conn, option, NBD_REP_ACK)
+                if option == NBD_OPT_GO:
+                    return True
+            else:
+                _nbd_reply(conn, option, NBD_REP_ERR_UNSUP)
+
+    def _transmission(self, conn):
+        image = self.image
+        buffer = aligned_buffer(NBD_MAX_READ)
+        while True:
+            magic, _, kind, handle, offset, length = NBD_REQUEST.unpack(
+                _recv_exact(conn, NBD_REQUEST.size))
+            if magic != NBD_REQUEST_MAGIC:
+                raise _NbdClosed("bad request magic 0x%x" % magic)
+            error = 0
+            in_range = offset + length <= image.size
+            if kind == NBD_CMD_READ:
+                if not in_range or length > NBD_MAX_READ:
+                    error = errno.EINVAL
+                else:
+                    try:
+                        view = image.read(offset, length, buffer)
+                    except EraError as exc:
+                        self.log("read of %d bytes at offset %d failed: %s"
+                                 % (length, offset, exc))
+                        error = errno.EIO
+                    else:
+                        conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, 0, handle))
+                        conn.sendall(view)
+                        self.reads += 1
+                        continue
+            elif kind == NBD_CMD_DISC:
+                return
+            elif kind == NBD_CMD_WRITE:
+                if length > NBD_MAX_READ:
+                    raise _NbdClosed("a write of %d bytes" % length)
+                _recv_exact(conn, length)     # its data, to keep in step with the client
+                error = errno.EPERM
+            elif kind in (NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES):
+                error = errno.EPERM
+            elif kind == NBD_CMD_FLUSH:
+                error = 0                 # nothing is ever written: nothing to flush
+            elif kind == NBD_CMD_CACHE:
+                error = 0 if in_range else errno.EINVAL
+            else:
+                error = errno.EINVAL
+            conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, error, handle))
+
+
+class _NbdClosed(Exception):
+    """The client is disconnected; the message (if any) says why."""
+
+
+def _recv_exact(conn, count):
+    """Exactly `count` bytes from the client; _NbdClosed if it goes away first."""
+    parts, left = [], count
+    while left:
+        part = conn.recv(min(left, 1 << 20))
+        if not part:
+            raise _NbdClosed("")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _nbd_reply(conn, option, kind, data=b""):
+    conn.sendall(NBD_OPTION_REPLY.pack(NBD_REPLY_OPT_MAGIC, option, kind, len(data)) + data)
+
+
+def _nbd_info_requests(data):
+    """The info types an NBD_OPT_INFO or _GO asks for, or None if it is malformed."""
+    if len(data) < 4:
+        return None
+    (name_length,) = NBD_U32.unpack_from(data)
+    rest = len(data) - 4 - name_length
+    if name_length > len(data) - 4 or rest < 2:
+        return None
+    (count,) = NBD_U16.unpack_from(data, 4 + name_length)
+    if rest != 2 + 2 * count:
+        return None
+    return set(struct.unpack_from(">%dH" % count, data, 6 + name_length))
 
 
 # ---------------------------------------------------------------------------
@@ -4667,6 +5256,15 @@ def _changed_blocks(args):
         if args.block_size is not None and args.block_size != changed.block_size:
             raise EraError("BLOCK_SIZE %d differs from the block size in %s (%d sectors)"
                            % (args.block_size, args.metadata, changed.block_size))
+        if args.since > changed.current_era:
+            # Eras only grow: metadata behind the mirror was made anew (a rebuilt or
+            # restored data host).  It knows nothing of what changed since --since,
+            # and "nothing" would be a silent, wrong incremental.
+            raise ChainError("the dm-era metadata in %s is at era %d, before --since %d: it "
+                             "was made anew since (a rebuilt or restored data host?) and cannot "
+                             "say what changed; start the chain again with a full copy "
+                             "(copy --full; backup.sh: move the mirror's state file away)"
+                             % (shown(args.metadata), changed.current_era, args.since))
         # The snapshot's era is where the next backup starts.
         era = changed.current_era if args.era is None else args.era
         return changed, changed.block_size, args.since, era
@@ -5444,6 +6042,171 @@ def _print_info(info, as_json):
         say("%-12s %s" % (key.replace("_", " ") + ":", shown(value)))
 
 
+VERSIONS_EPILOG = """\
+examples:
+  python3 era_tool.py versions /srv/root.img
+  python3 era_tool.py versions --json /srv/root.img
+  python3 era_tool.py versions --state /srv/root.era --undo /srv/u.2 --undo /srv/u.1 /dev/vg/root
+
+The undo files are MIRROR.undo.* beside the mirror (backup.sh's KEEP_UNDO and
+README's naming), or those given with --undo. Each is read through and checked.
+A missing, cut or damaged undo file ends the chain there: the versions before it
+cannot be rebuilt, and the output says so. Nothing is written.
+"""
+
+
+def _add_version_arguments(parser):
+    """MIRROR and how to find its versions: versions, export and serve share them."""
+    parser.add_argument("mirror", metavar="MIRROR", help="the mirror file or block device")
+    parser.add_argument("--state", metavar="FILE",
+                        help="the mirror's state file, if not MIRROR.era")
+    parser.add_argument("--undo", metavar="UNDO_FILE", action="append",
+                        help="an undo file of the mirror's chain, instead of MIRROR.undo.* "
+                             "(repeat for each)")
+
+
+def add_versions_parser(commands):
+    """The versions command's options."""
+    versions = commands.add_parser(
+        "versions", help="list the versions a mirror and its undo files can give back",
+        description="List the versions that export and serve can rebuild: the mirror's own "
+                    "and one per undo file of its chain, each with its era, when it was made "
+                    "and replaced, and its size.",
+        epilog=VERSIONS_EPILOG, formatter_class=_RawHelpFormatter)
+    _add_version_arguments(versions)
+    versions.add_argument("--json", action="store_true", help="print one JSON object")
+    versions.set_defaults(func=cmd_versions)
+    return versions
+
+
+def _date(seconds):
+    if seconds is None:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return "%d" % seconds
+
+
+def cmd_versions(args):
+    if sys.stdout is None:
+        raise EraError("standard output is closed: nowhere to print the versions")
+    with Versions(args.mirror, args.state, args.undo) as found:
+        if args.json:
+            import json
+            say(json.dumps({
+                "mirror": args.mirror, "source_id": found.source_id,
+                "versions": [{"era": version.era, "size": version.size,
+                              "applied": version.applied, "replaced": version.replaced,
+                              "undo_file": version.undo, "chain": list(version.chain)}
+                             for version in found.versions],
+                "problems": [{"undo_file": path, "problem": problem}
+                             for path, problem in found.problems]}, sort_keys=True))
+            return 0
+        say("%-10s  %-19s  %-19s  %15s  %s" % ("era", "made (UTC)", "replaced (UTC)",
+                                                "bytes", "from"))
+        for version in found.versions:
+            say("%-10d  %-19s  %-19s  %15d  %s" % (
+                version.era, _date(version.applied), _date(version.replaced), version.size,
+                shown(version.undo) if version.undo else "the mirror"))
+        for path, problem in found.problems:
+            say("%s %s" % (shown(path), problem))
+    return 0
+
+
+EXPORT_EPILOG = """\
+examples:
+  python3 era_tool.py export --at 41 /srv/root.img -o root-41.era
+  python3 era_tool.py export --at 41 /srv/root.img | python3 era_tool.py apply /srv/copy.img
+  python3 era_tool.py export /srv/root.img | ssh host python3 era_tool.py apply /dev/sdb2
+
+The stream is a full copy (with ZERO chunks, as copy --full writes them) of the
+version at ERA, rebuilt from the mirror and the undo files between them, which
+are only read. apply writes it anywhere a full stream goes.
+"""
+
+
+def add_export_parser(commands):
+    """The export command's options."""
+    export = commands.add_parser(
+        "export", help="write any kept version of a mirror as a full stream",
+        description="Write the version of MIRROR at --at ERA (default: the mirror's own) as a "
+                    "full era_tool stream, from the mirror and its undo files, without "
+                    "writing to either.",
+        epilog=EXPORT_EPILOG, formatter_class=_RawHelpFormatter)
+    _add_version_arguments(export)
+    export.add_argument("--at", type=_era, metavar="ERA",
+                        help="the version's era (see versions; default: the mirror's own)")
+    export.add_argument("-o", "--output", metavar="STREAM",
+                        help="write the stream to STREAM instead of standard output")
+    export.add_argument("--progress", action="store_true",
+                        help="show bytes exported, rate and ETA on stderr")
+    export.set_defaults(func=cmd_export)
+    return export
+
+
+def cmd_export(args):
+    refuse_terminal(args.output)
+    with Versions(args.mirror, args.state, args.undo) as found:
+        version = found.select(args.at)
+        refuse_same_files(found.inputs(), [("the stream %s" % (
+            args.output or "on standard output"), args.output)])
+        header = StreamHeader(version.size, version.size, found.block_size, era=version.era,
+                              full=True, source_id=found.source_id)
+        _write_stream(args, found.image(version), header, [(0, version.size)], version.size)
+    return 0
+
+
+SERVE_EPILOG = """\
+examples:
+  python3 era_tool.py serve --at 41 /srv/root.img /run/root-41.sock &
+  nbd-client -unix /run/root-41.sock /dev/nbd0 -readonly
+  mount -o ro,noload /dev/nbd0 /mnt         (noload: ext4 replays no journal)
+  cp -a /mnt/etc/fstab /tmp/ && umount /mnt && nbd-client -d /dev/nbd0
+  kill %1
+
+Serves the version at ERA read-only, straight from the mirror and its undo files
+(nothing is written to them; writes are answered EPERM). The socket is mode
+0600. While it serves, apply and rollback of the mirror are refused: the mirror
+must not change under a reader. SIGINT or SIGTERM stop it (exit 0).
+"""
+
+
+def add_serve_parser(commands):
+    """The serve command's options."""
+    serve = commands.add_parser(
+        "serve", help="serve a kept version read-only over NBD on a Unix socket",
+        description="Serve the version of MIRROR at --at ERA (default: the mirror's own) as a "
+                    "read-only NBD export on the Unix socket SOCKET, for nbd-client, from "
+                    "the mirror and its undo files, without writing to either.",
+        epilog=SERVE_EPILOG, formatter_class=_RawHelpFormatter)
+    _add_version_arguments(serve)
+    serve.add_argument("socket", metavar="SOCKET", help="the Unix socket to listen on")
+    serve.add_argument("--at", type=_era, metavar="ERA",
+                       help="the version's era (see versions; default: the mirror's own)")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def cmd_serve(args):
+    with Versions(args.mirror, args.state, args.undo) as found:
+        version = found.select(args.at)
+        image = found.image(version)
+        server = NbdServer(image, args.socket, lambda line: err("era_tool: serve: " + line))
+        try:
+            err("era_tool: serving %s at era %d (%d bytes) read-only on %s; SIGINT or "
+                "SIGTERM stops it" % (shown(args.mirror), version.era, version.size,
+                                      shown(args.socket)))
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+        finally:
+            server.close()
+        err("era_tool: serve: stopped after %d reads" % server.reads)
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -5461,7 +6224,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for add in (add_copy_parser, add_apply_parser, add_blocks_parser, add_sum_parser,
-                add_verify_parser, add_rollback_parser, add_info_parser):
+                add_verify_parser, add_rollback_parser, add_info_parser, add_versions_parser,
+                add_export_parser, add_serve_parser):
         add(commands)
     return parser
 

@@ -2117,10 +2117,10 @@ class TestOneWriter:
         wait_until(lambda: holds_lock(mirror))
         second = run_cli(["apply", "-i", a, mirror])
         assert second.returncode == 1
-        assert_one_line_error(second.stderr.decode(), "being written by another era_tool")
+        assert_one_line_error(second.stderr.decode(), "by another era_tool")
         rollback = run_cli(["rollback", undo, mirror])
         assert rollback.returncode == 1
-        assert_one_line_error(rollback.stderr.decode(), "being written by another era_tool")
+        assert_one_line_error(rollback.stderr.decode(), "by another era_tool")
         _, err = first.communicate(b[len(b) // 2:])
         assert first.returncode == 0, err
         assert read(mirror) == bytes(v3)
@@ -2142,7 +2142,7 @@ class TestOneWriter:
             result = run_cli(["apply", "-i", write(tmp_path / "s", stream),
                               str(tmp_path / other)])
             assert result.returncode == 1
-            assert_one_line_error(result.stderr.decode(), "being written by another era_tool")
+            assert_one_line_error(result.stderr.decode(), "by another era_tool")
         first.communicate(stream[len(stream) // 2:])
         assert first.returncode == 0
 
@@ -3719,6 +3719,431 @@ class TestSumVerify:
         assert code == 3 and xml_blocks(out) == [1]
 
 
+# ---------------------------------------------------------------------------
+# Versions, export and serve: any kept version, read-only
+# ---------------------------------------------------------------------------
+
+
+def tool_pipe(command, cwd):
+    """A shell pipeline of era_tool.py commands ("T" stands for the tool); it must succeed."""
+    line = command.replace("T ", "%s %s " % (sys.executable, TOOL))
+    result = subprocess.run(line, shell=True, cwd=str(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert result.returncode == 0, (command, result.stderr.decode())
+    return result
+
+
+def file_digests(directory):
+    """Every file in `directory`: its bytes' sha256 and its mtime, to prove nothing was written."""
+    import hashlib
+    found = {}
+    for name in sorted(os.listdir(str(directory))):
+        path = os.path.join(str(directory), name)
+        if os.path.isfile(path):
+            found[name] = (hashlib.sha256(read(path)).hexdigest(), os.stat(path).st_mtime_ns)
+    return found
+
+
+class KeptVersions:
+    """A mirror with six versions, five of them kept in undo files named as backup.sh names
+    them, made by real copy | apply processes: incrementals that change overlapping and
+    disjoint blocks, full copies that grow and shrink the device.  images[era] is each
+    version's bytes."""
+
+    # (era, kind, blocks of the device, block ranges written)
+    PLAN = [(2, "incremental", 48, [(0, 3), (10, 14), (40, 48)]),
+            (3, "full", 64, [(12, 20), (50, 64)]),
+            (4, "incremental", 64, [(2, 5), (13, 16), (60, 64)]),
+            (5, "full", 40, [(5, 9), (30, 40)]),
+            (6, "incremental", 40, [(0, 1), (6, 7), (20, 25)])]
+
+    def __init__(self, tmp_path, seed=170):
+        self.dir = tmp_path
+        self.mirror = str(tmp_path / "root.img")
+        self.source = tmp_path / "data" / "dev"
+        self.source.parent.mkdir()
+        data = bytearray(random_bytes(48 * BLOCK, seed))
+        write(self.source, data)
+        self.copy = "T copy --source-id web1:root"
+        tool_pipe(self.copy + " --full --era 1 8 %s | T apply root.img" % self.source, tmp_path)
+        self.images = {1: bytes(data)}
+        self.undo = {}
+        for era, kind, blocks, ranges in self.PLAN:
+            data = bytearray(data[:blocks * BLOCK].ljust(blocks * BLOCK, b"\0"))
+            rng = random.Random(seed + era)
+            for begin, end in ranges:
+                data[begin * BLOCK:end * BLOCK] = rng.randbytes((end - begin) * BLOCK) \
+                    if hasattr(rng, "randbytes") else random_bytes((end - begin) * BLOCK, era)
+            write(self.source, data)
+            undo = "root.img.undo.20261204-03%02d00.%03d.%s" % (era, era, kind)
+            if kind == "full":
+                stream = self.copy + " --full --era %d 8 %s" % (era, self.source)
+            else:
+                xml = write(tmp_path / "data" / ("%d.xml" % era), blocks_xml(ranges))
+                stream = self.copy + " -i %s --since-era %d --era %d 8 %s" % (
+                    xml, era - 1, era, self.source)
+            # A shrink needs --force: apply refuses a mirror larger than its source.
+            tool_pipe("%s | T apply --force --undo %s root.img" % (stream, undo), tmp_path)
+            self.images[era] = bytes(data)
+            self.undo[era] = str(tmp_path / undo)   # it takes the mirror from era to era - 1
+
+    def export(self, era, *extra):
+        """The version at `era` exported and applied into a new file: its bytes."""
+        out = self.dir / "data" / ("export-%d.era" % era)
+        image = self.dir / "data" / ("image-%d" % era)
+        for path in (out, image, str(image) + ".era"):
+            if os.path.exists(str(path)):
+                os.unlink(str(path))
+        tool_pipe("T export --at %d %s -o %s root.img" % (era, " ".join(extra), out), self.dir)
+        tool_pipe("T apply -i %s %s" % (out, image), self.dir)
+        return read(image), out
+
+
+@pytest.fixture
+def kept(tmp_path):
+    return KeptVersions(tmp_path)
+
+
+class TestVersions:
+    def test_every_version_exported_exactly_and_nothing_written(self, kept):
+        before = file_digests(kept.dir)
+        for era, image in sorted(kept.images.items()):
+            exported, stream = kept.export(era)
+            assert exported == image, "era %d" % era
+            info = json.loads(run_cli(["info", "--json", "-i", str(stream)]).stdout)
+            assert info["full"] and info["era"] == era and info["source_id"] == "web1:root"
+            assert info["device_size"] == len(image) and info["intact"]
+        assert file_digests(kept.dir) == before
+
+    def test_default_is_the_mirrors_own_version(self, kept):
+        out = kept.dir / "data" / "latest.era"
+        tool_pipe("T export root.img > %s" % out, kept.dir)
+        tool_pipe("T apply -i %s data/latest.img" % out, kept.dir)
+        assert read(kept.dir / "data" / "latest.img") == kept.images[6] == read(kept.mirror)
+
+    def test_versions_lists_the_chain(self, kept):
+        result = run_cli(["versions", "--json", kept.mirror])
+        assert result.returncode == 0, result.stderr
+        listing = json.loads(result.stdout)
+        eras = [version["era"] for version in listing["versions"]]
+        assert eras == [6, 5, 4, 3, 2, 1] and listing["problems"] == []
+        for version in listing["versions"]:
+            assert version["size"] == len(kept.images[version["era"]])
+            expected = None if version["era"] == 6 else kept.undo[version["era"] + 1]
+            assert version["undo_file"] == expected
+        assert listing["versions"][-1]["chain"] == [kept.undo[era] for era in (6, 5, 4, 3, 2)]
+        text = run_cli(["versions", kept.mirror]).stdout.decode()
+        assert "the mirror" in text and os.path.basename(kept.undo[2]) in text
+        assert len(text.strip().split("\n")) == 7
+
+    def test_undo_files_given_by_hand(self, kept):
+        moved = kept.dir / "data" / "elsewhere"
+        moved.mkdir()
+        given = []
+        for era in (6, 5, 4):
+            target = str(moved / ("u%d" % era))
+            os.rename(kept.undo[era], target)
+            given += ["--undo", target]
+        listing = json.loads(run_cli(["versions", "--json", kept.mirror] + given).stdout)
+        assert [version["era"] for version in listing["versions"]] == [6, 5, 4, 3]
+        exported, _ = kept.export(3, *given)
+        assert exported == kept.images[3]
+
+    def test_a_missing_undo_file_cuts_the_chain(self, kept):
+        os.unlink(kept.undo[4])           # the one from era 4 back to era 3
+        listing = json.loads(run_cli(["versions", "--json", kept.mirror]).stdout)
+        assert [version["era"] for version in listing["versions"]] == [6, 5, 4]
+        problems = {entry["undo_file"]: entry["problem"] for entry in listing["problems"]}
+        assert set(problems) == {kept.undo[3], kept.undo[2]}
+        assert all("not in the chain, which stops at era 4" in text for text in problems.values())
+        for era in (3, 2, 1):
+            result = run_cli(["export", "--at", str(era), "-o", str(kept.dir / "x.era"),
+                              kept.mirror])
+            assert result.returncode == 1
+            assert_one_line_error(result.stderr.decode(), "no version at era %d" % era)
+            assert not os.path.exists(str(kept.dir / "x.era"))
+        assert kept.export(4)[0] == kept.images[4]
+
+    @pytest.mark.parametrize("harm", ["flip", "cut"])
+    def test_a_damaged_undo_file_cuts_the_chain(self, kept, harm):
+        path = kept.undo[4]
+        data = bytearray(read(path))
+        if harm == "flip":
+            data[len(data) // 2] ^= 0x40      # inside a payload: the header still reads
+        else:
+            del data[len(data) // 2:]
+        write(path, bytes(data))
+        listing = json.loads(run_cli(["versions", "--json", kept.mirror]).stdout)
+        assert [version["era"] for version in listing["versions"]] == [6, 5, 4]
+        problems = {entry["undo_file"]: entry["problem"] for entry in listing["problems"]}
+        assert ("is damaged" if harm == "flip" else "is cut short") in problems[path]
+        assert "the versions before era 4 cannot be rebuilt" in problems[path]
+        result = run_cli(["export", "--at", "3", kept.mirror])
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "no version at era 3",
+                              os.path.basename(path))
+        assert kept.export(5)[0] == kept.images[5]
+
+    def test_an_undo_file_changed_after_the_check_is_caught(self, kept, tmp_path):
+        with era_tool.Versions(kept.mirror) as found:
+            image = found.image(found.select(2))
+            # Era 3's undo file holds era 2's every byte: each of its chunks is used.
+            data = bytearray(read(kept.undo[3]))
+            data[len(data) // 2] ^= 1
+            write(kept.undo[3], bytes(data))
+            buffer = era_tool.aligned_buffer(len(kept.images[2]))
+            with pytest.raises(era_tool.ChecksumMismatch, match="changed while being read"):
+                image.read(0, len(kept.images[2]), buffer)
+
+    def test_a_mirror_midway_is_no_version(self, kept, small_chunks):
+        full = kept.dir / "data" / "full.era"
+        assert era_tool.main(["copy", "--source-id", "web1:root", "--full", "--era", "7",
+                              "-o", str(full), "8", str(kept.source)]) == 0
+        stream = read(full)
+        write(full, stream[:len(stream) * 2 // 3])
+        result = run_cli(["apply", "-i", str(full), "--checkpoint", "4K", kept.mirror])
+        assert result.returncode == 1 and "interrupted" in read(kept.mirror + ".era").decode()
+        for command in (["versions"], ["export", "--at", "3"]):
+            result = run_cli(command + [kept.mirror])
+            assert result.returncode == 1
+            assert_one_line_error(result.stderr.decode(), "stopped midway", "resume it first")
+
+    def test_no_output_is_an_input(self, kept):
+        for output in (kept.undo[3], kept.mirror, kept.mirror + ".era"):
+            before = read(output)
+            result = run_cli(["export", "--at", "2", "-o", output, kept.mirror])
+            assert result.returncode == 1
+            assert_one_line_error(result.stderr.decode(), "are the same file")
+            assert read(output) == before
+
+    def test_no_state_no_versions(self, kept):
+        os.unlink(kept.mirror + ".era")
+        result = run_cli(["versions", kept.mirror])
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "has no recorded version")
+
+    def test_an_apply_waits_for_no_reader(self, kept):
+        stream = kept.dir / "data" / "again.era"
+        tool_pipe(kept.copy + " --full --era 7 8 %s > %s" % (kept.source, stream), kept.dir)
+        server = subprocess.Popen([sys.executable, TOOL, "serve", "--at", "3", kept.mirror,
+                                   str(kept.dir / "data" / "s.sock")],
+                                  stderr=subprocess.PIPE, preexec_fn=default_signals)
+        try:
+            wait_until(lambda: answers(str(kept.dir / "data" / "s.sock")))
+            before = file_digests(kept.dir)
+            result = run_cli(["apply", "-i", str(stream), kept.mirror])
+            assert result.returncode == 1
+            assert_one_line_error(result.stderr.decode(), "another era_tool", "export or serve")
+            assert file_digests(kept.dir) == before
+        finally:
+            server.terminate()
+            server.wait(20)
+
+
+class NbdClient:
+    """The client side of the NBD handshake and requests, for the tests: honest or not."""
+
+    def __init__(self, path, flags=3):
+        import socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(path)
+        hello = self.recv(18)
+        assert hello[:8] == b"NBDMAGIC" and hello[8:16] == b"IHAVEOPT"
+        assert struct.unpack(">H", hello[16:])[0] == 3
+        self.sock.sendall(struct.pack(">I", flags))
+
+    def recv(self, count):
+        data = b""
+        while len(data) < count:
+            part = self.sock.recv(count - len(data))
+            if not part:
+                raise EOFError("the server closed the connection")
+            data += part
+        return data
+
+    def closed(self):
+        """Whether the server closed the connection (nothing more arrives)."""
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def option(self, option, data=b"", magic=era_tool.NBD_OPTS_MAGIC):
+        self.sock.sendall(struct.pack(">QII", magic, option, len(data)) + data)
+
+    def reply(self):
+        magic, option, kind, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == era_tool.NBD_REPLY_OPT_MAGIC
+        return option, kind, self.recv(length)
+
+    def go(self, infos=()):
+        """NBD_OPT_GO for the default export; returns (size, transmission flags)."""
+        self.option(7, struct.pack(">I", 0) + struct.pack(">H", len(infos))
+                    + b"".join(struct.pack(">H", info) for info in infos))
+        size = flags = None
+        while True:
+            option, kind, data = self.reply()
+            assert option == 7
+            if kind == 1:
+                return size, flags
+            assert kind == 3, kind
+            if struct.unpack(">H", data[:2])[0] == 0:
+                _, size, flags = struct.unpack(">HQH", data)
+
+    def request(self, kind, offset=0, length=0, data=b"", magic=era_tool.NBD_REQUEST_MAGIC,
+                handle=0x1122334455667788):
+        self.sock.sendall(struct.pack(">IHHQQI", magic, 0, kind, handle, offset, length) + data)
+
+    def answer(self, length=0):
+        magic, error, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == era_tool.NBD_REPLY_MAGIC and handle == 0x1122334455667788
+        return error, (self.recv(length) if not error and length else b"")
+
+    def read(self, offset, length):
+        self.request(0, offset, length)
+        return self.answer(length)
+
+    def close(self):
+        self.sock.close()
+
+
+def answers(path):
+    """Whether a server listens on the Unix socket `path`."""
+    import socket
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@contextmanager
+def serving(kept, era=None):
+    """`serve` of the version at `era` as a real process; yields (process, socket path)."""
+    path = str(kept.dir / "data" / "nbd.sock")
+    args = [sys.executable, TOOL, "serve", kept.mirror, path]
+    if era is not None:
+        args[3:3] = ["--at", str(era)]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=default_signals)
+    try:
+        wait_until(lambda: answers(path) or server.poll() is not None)
+        assert server.poll() is None, server.stderr.read()
+        yield server, path
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+
+
+class TestServe:
+    def test_reads_give_each_version(self, kept):
+        rng = random.Random(5)
+        for era in (6, 4, 3, 1):
+            image = kept.images[era]
+            with serving(kept, era) as (_, path):
+                client = NbdClient(path)
+                size, flags = client.go()
+                assert size == len(image) and flags & 2      # NBD_FLAG_READ_ONLY
+                offset = 0
+                while offset < size:   # whole, in pieces aligned and not
+                    length = min(rng.choice([512, 4096, 65536, 131072, 1 << 20, 777]),
+                                 size - offset)
+                    error, data = client.read(offset, length)
+                    assert error == 0 and data == image[offset:offset + length], (era, offset)
+                    offset += length
+                client.request(2)            # NBD_CMD_DISC
+                assert client.closed()
+
+    def test_export_name_handshake_without_no_zeroes(self, kept):
+        with serving(kept, 2) as (_, path):
+            client = NbdClient(path, flags=1)
+            client.option(1, b"")           # NBD_OPT_EXPORT_NAME
+            size, flags = struct.unpack(">QH", client.recv(10))
+            assert size == len(kept.images[2]) and client.recv(124) == bytes(124)
+            assert client.read(4096, 8192) == (0, kept.images[2][4096:12288])
+
+    def test_hostile_clients_get_errors_and_nothing_is_written(self, kept):
+        before = file_digests(kept.dir)
+        image = kept.images[3]
+        with serving(kept, 3) as (server, path):
+            client = NbdClient(path)
+            client.option(42)                # an option nobody knows
+            assert client.reply()[1] == era_tool.NBD_REP_ERR_UNSUP
+            client.option(7, b"\0\0")        # NBD_OPT_GO, malformed
+            assert client.reply()[1] == era_tool.NBD_REP_ERR_INVALID
+            client.option(3)                 # NBD_OPT_LIST
+            assert client.reply()[1:] == (2, b"\0\0\0\0") and client.reply()[1] == 1
+            size, _ = client.go(infos=[3])
+            client.request(1, 0, 4096, b"\xff" * 4096)   # a write: refused, its data skipped
+            assert client.answer() == (errno.EPERM, b"")
+            for kind in (4, 6):              # trim, write zeroes
+                client.request(kind, 0, 4096)
+                assert client.answer() == (errno.EPERM, b"")
+            client.request(99, 0, 4096)      # unknown
+            assert client.answer() == (errno.EINVAL, b"")
+            for offset, length in ((size - 4096, 8192), (size, 1), ((1 << 64) - 4096, 4096),
+                                   (0, era_tool.NBD_MAX_READ + 4096)):
+                assert client.read(offset, length) == (errno.EINVAL, b"")
+            client.request(3)                # flush
+            assert client.answer() == (0, b"")
+            assert client.read(0, 4096) == (0, image[:4096])     # still in step
+            client.request(0, 0, 4096, magic=0xDEADBEEF)
+            assert client.closed()
+            for flags, send in ((1 << 7, None), (3, "bad option magic"), (3, "huge option")):
+                other = NbdClient(path, flags=flags)
+                if send == "bad option magic":
+                    other.option(7, magic=0x1234)
+                elif send == "huge option":
+                    other.sock.sendall(struct.pack(">QII", era_tool.NBD_OPTS_MAGIC, 7, 1 << 30))
+                assert other.closed()
+            other = NbdClient(path)
+            other.go()
+            other.request(1, 0, era_tool.NBD_MAX_READ + 1)   # a write too big to skip
+            assert other.closed()
+            honest = NbdClient(path)
+            honest.go()
+            assert honest.read(size - 4096, 4096) == (0, image[-4096:])
+            assert server.poll() is None
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(20) == 0
+            err = server.stderr.read().decode()
+            assert "Traceback" not in err and "stopped after" in err
+            assert "bad request magic" in err
+            assert not os.path.exists(path)
+        assert file_digests(kept.dir) == before
+
+    def test_socket_is_private_and_claimed_with_care(self, kept):
+        with serving(kept) as (server, path):
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+            second = run_cli(["serve", kept.mirror, path], timeout=20)
+            assert second.returncode == 1
+            assert_one_line_error(second.stderr.decode(), "being served by another process")
+            server.send_signal(signal.SIGINT)
+            assert server.wait(20) == 0
+        import socket
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(path)                  # a dead server's socket: nobody listens
+        stale.close()
+        with serving(kept) as (server, path):
+            assert NbdClient(path).go()[0] == len(kept.images[6])
+        plain = write(kept.dir / "data" / "plain", b"keep me")
+        result = run_cli(["serve", kept.mirror, plain], timeout=20)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "is not a socket")
+        assert read(plain) == b"keep me"
+
+
 def pyenv_root():
     """Where pyenv keeps its interpreters, as `pyenv root` says, without running it."""
     return os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
@@ -5171,6 +5596,21 @@ class TestMetadataCommands:
             start, stop = block * 65536, (block + 1) * 65536
             want = new if block in (3, 10, 40) else old
             assert result[start:stop] == want[start:stop], block
+
+    def test_metadata_made_anew_is_refused(self, tmp_path, capsys):
+        # A rebuilt data host: its new metadata is at era 9, the mirror at era 40.
+        path = build(tmp_path, 64, 9, [(8, 64, {3, 40})], [(10, 9), (11, 2)])
+        source = write(tmp_path / "dev", bytes(64 * 65536))
+        stream = tmp_path / "s"
+        for since in ("9", "10", "40"):
+            code, out, err = run_main(["copy", "--live", "--metadata", path, "--since", since,
+                                       "-o", str(stream), source], capsys)
+            if since == "9":
+                assert code == 0
+                os.unlink(str(stream))
+                continue
+            assert code == 1 and not os.path.exists(str(stream))
+            assert_one_line_error(err, "at era 9, before --since %s" % since, "made anew")
 
     def test_copy_block_size_must_match(self, tmp_path, capsys):
         path = build(tmp_path, 64, 9, [(8, 64, {3})], [])
