@@ -3528,9 +3528,8 @@ class VersionImage:
     """One version's bytes, read from the mirror and the undo files of its chain.
 
     Each region comes from the undo file closest to the version that holds
-    it (the oldest of the chain first: it saved the content the version had;
-    within one undo file the first chunk of a region, saved before anything
-    overwrote it), and the rest from the mirror.  A source for read_ahead
+    it (the oldest of the chain first: it saved the content the version
+    had), and the rest from the mirror.  A source for read_ahead
     and the NBD server: read() is safe from several threads.  Undo data is
     read a whole chunk at a time and its checksum checked again before use.
     """
