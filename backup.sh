@@ -301,6 +301,11 @@ pass() {
 # One run at a time per mirror.
 exec 9>>"$mirror.lock"
 flock -n 9 || die "another backup.sh is running for $mirror"
+# An export, serve or verify of the mirror holds it shared, and apply would refuse it only after the data host was
+# frozen and copied from: say so before anything starts.
+if [ -e "$mirror" ] && ! flock -n "$mirror" true; then
+    die "$mirror is in use by another era_tool (an export or serve of a kept version, or a verify): stop it, then run again"
+fi
 on_exit() {
     local rc=$? era
     case $rc in 0|3) return ;; esac

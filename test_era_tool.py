@@ -1998,6 +1998,22 @@ class TestBackupSettings:
         assert b"not a complete undo file" not in result.stderr
         assert read(mirror) == applied
 
+    def test_a_mirror_being_read_is_left_alone(self, tmp_path):
+        # serve of a kept version holds the mirror shared: the run stops before the data host.
+        case = UndoCase(tmp_path)
+        mirror = str(tmp_path / "e.img")
+        os.rename(case.mirror, mirror)
+        os.rename(case.mirror + ".era", mirror + ".era")
+        marker = tmp_path / "ssh-ran"
+        ssh = write(tmp_path / "ssh", ("#!/bin/sh\ntouch %s\nexit 1\n" % marker).encode())
+        os.chmod(ssh, 0o755)
+        with open(mirror, "rb") as reader:
+            fcntl.flock(reader, fcntl.LOCK_SH)
+            result = run_backup(tmp_path, self.GOOD % tmp_path + "SSH=%s\n" % ssh)
+        assert result.returncode == 1
+        assert "in use by another era_tool" in result.stderr.decode()
+        assert not marker.exists() and read(mirror) == case.old
+
     def test_usage(self, tmp_path):
         result = subprocess.run(["bash", BACKUP, "a", "b"], stderr=subprocess.PIPE)
         assert result.returncode == 2 and b"usage" in result.stderr
