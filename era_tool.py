@@ -2436,6 +2436,17 @@ class Input:
             raise TruncatedStream("stream ends inside %s at byte %d" % (what, self.position))
         return bytes(buf)
 
+    def skip(self, size, what):
+        """Move past `size` bytes of a file (not a pipe) without reading them."""
+        end = self.position + size
+        try:
+            if end > os.fstat(self.file.fileno()).st_size:
+                raise TruncatedStream("stream ends inside %s at byte %d" % (what, self.position))
+            self.file.seek(size, io.SEEK_CUR)
+        except OSError as exc:
+            raise _os_error(exc, "cannot read %s" % self.name) from None
+        self.position = end
+
     def at_end(self):
         return self.read_into(memoryview(bytearray(1))) == 0
 
@@ -2448,11 +2459,16 @@ class StreamReader:
 
     Each chunk is checked before it is handed out, so nothing unverified is
     ever written; the trailer proves that no chunk is missing at the end.
+    payloads=False (a file only): the payloads are passed over, unread and
+    unchecked, and every chunk comes with payload None; the chunk headers and
+    the trailer are checked all the same (an index of an undo file whose
+    payloads are checked when they are read).
     """
 
-    def __init__(self, inp, header, take_buffer=None):
+    def __init__(self, inp, header, take_buffer=None, payloads=True):
         self.inp = inp
         self.header = header
+        self.payloads = payloads
         # take_buffer: where each payload goes (a pool shared with a writer
         # thread); by default one buffer, reused.
         if take_buffer is None:
@@ -2495,16 +2511,20 @@ class StreamReader:
                                                                   self.next_offset))
             position = inp.position
             payload = None
-            if tag == TAG_DATA:
-                payload = memoryview(self.take_buffer())[:length]
-                if inp.read_into(payload) < length:
-                    raise TruncatedStream("stream ends inside %s at byte %d"
-                                          % (where, inp.position))
-            if chunk_crc(header.crc, record[:CHUNK_FIELDS.size], payload) != crc:
-                raise ChecksumMismatch("%s at offset %d: checksum mismatch" % (where, offset))
+            if tag == TAG_DATA and not self.payloads:
+                inp.skip(length, where)
+            else:
+                if tag == TAG_DATA:
+                    payload = memoryview(self.take_buffer())[:length]
+                    if inp.read_into(payload) < length:
+                        raise TruncatedStream("stream ends inside %s at byte %d"
+                                              % (where, inp.position))
+                if chunk_crc(header.crc, record[:CHUNK_FIELDS.size], payload) != crc:
+                    raise ChecksumMismatch("%s at offset %d: checksum mismatch"
+                                           % (where, offset))
             self.chunks += 1
             self.next_offset = offset + length
-            if payload is None:
+            if tag == TAG_ZERO:
                 self.zero_bytes += length
             else:
                 self.data_bytes += length
@@ -3226,11 +3246,14 @@ class UndoFile:
     changed nothing (the header is synced before any overwrite).  complete:
     the trailer is there and proves every chunk.  Otherwise damage is None
     for a file cut short (a crash: it ends, or zeros follow, after its last
-    intact chunk) or says what is wrong in the middle of it.
+    intact chunk) or says what is wrong in the middle of it.  payloads=False:
+    only the chunk headers and the trailer are read and checked; whoever reads
+    a payload checks it (VersionImage does).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, payloads=True):
         self.path = path
+        self.payloads = payloads
         try:
             self.file = BlockFile(path, os.O_RDONLY, "undo file ")
         except OSError as exc:
@@ -3265,7 +3288,7 @@ class UndoFile:
         if not header.undo:
             raise StreamError("%s is a stream, not an undo file" % shown(self.path))
         self.header = header
-        reader = StreamReader(inp, header)
+        reader = StreamReader(inp, header, payloads=self.payloads)
         try:
             for chunk in reader:
                 self.chunks.append(chunk)
@@ -3365,14 +3388,18 @@ class Versions:
     so on (by era, and by stream where the undo files name it).  It stops at
     the first link that is missing, cut short or damaged: the versions beyond
     it cannot be rebuilt, and `problems` says why, with any undo file left
-    outside the chain.  Every undo file in it is read through and checked
-    here.  The mirror and the undo files are opened read-only, and the
+    outside the chain.  check: every undo file is read through and every
+    chunk checked here (versions says a chain is whole); otherwise only their
+    chunk headers and trailers, and VersionImage checks each payload it uses
+    as it reads it (export and serve: an undo file is not read twice).  The
+    mirror and the undo files are opened read-only, and the
     mirror is locked shared while this lives: an apply or rollback cannot
     change it under a reader (nor can a reader start under them).
     """
 
-    def __init__(self, mirror, state=None, undo_paths=None):
+    def __init__(self, mirror, state=None, undo_paths=None, check=True):
         self.path = mirror
+        self.check = check
         self.opened = []              # every UndoFile read, closed at close()
         self.versions = []
         self.problems = []            # (undo file or None, what is wrong)
@@ -3474,7 +3501,7 @@ class Versions:
         found, seen = [], set()
         for path in paths:
             try:
-                undo = UndoFile(path)
+                undo = UndoFile(path, payloads=self.check)
             except EraError as exc:
                 self.problems.append((path, "cannot be read: %s" % exc))
                 continue
@@ -3589,21 +3616,25 @@ class VersionImage:
                             % (self.version.era, self.size, stop), 0)
         view = memoryview(buffer)[:length]
         first = max(bisect.bisect_right(self.starts, offset) - 1, 0)
-        pieces, mirror_end, position = [], offset, offset
+        pieces, gaps, position = [], [], offset
         index = first
         while index < len(self.starts) and self.starts[index] < stop:
             start, end = self.starts[index], self.ends[index]
             if end > offset:
                 if start > position:
-                    mirror_end = start    # a gap before it: the mirror's
+                    gaps.append((position, start))    # the mirror's
                 pieces.append(index)
                 position = end
             index += 1
         if position < stop:
-            mirror_end = stop
-        if mirror_end > offset:
-            # One read for all the mirror holds here; undo data goes over it after.
-            self.mirror.read(offset, mirror_end - offset, buffer)
+            gaps.append((position, stop))
+        if offset % DIRECT_ALIGN and gaps:
+            # Not aligned in the buffer, so no O_DIRECT read of a gap alone: one read
+            # of all the mirror holds here, and the undo data over it after.
+            gaps = [(offset, gaps[-1][1])]
+        for start, end in gaps:
+            # Only what the version takes from the mirror: an undo file's part is read once.
+            self.mirror.read(start, end - start, view[start - offset:])
         for index in pieces:
             start, end = max(self.starts[index], offset), min(self.ends[index], stop)
             chunk, payload = self._chunk(self.ranks[index], self.numbers[index])
@@ -3629,12 +3660,13 @@ class VersionImage:
                 payload = undo.file.read(chunk.position, chunk.length, local.buffer)
             except ShortRead:
                 payload = None
-                raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
-                                       % (shown(undo.path), chunk.seq)) from None
             fields = CHUNK_FIELDS.pack(chunk.tag, chunk.seq, chunk.offset, chunk.length)
-            if chunk_crc(undo.header.crc, fields, payload) != chunk.crc:
-                raise ChecksumMismatch("undo file %s changed while being read (chunk %d)"
-                                       % (shown(undo.path), chunk.seq))
+            if payload is None or chunk_crc(undo.header.crc, fields, payload) != chunk.crc:
+                raise ChecksumMismatch(
+                    "undo file %s is damaged or changed while being read (chunk %d does not "
+                    "match its checksum): the version at era %d cannot be rebuilt from it; "
+                    "'versions' checks every undo file" % (shown(undo.path), chunk.seq,
+                                                          self.version.era))
         local.key, local.chunk, local.payload = (rank, number), chunk, payload
         return chunk, payload
 
@@ -3800,46 +3832,122 @@ class NbdServer:
                 _nbd_reply(conn, option, NBD_REP_ERR_UNSUP)
 
     def _transmission(self, conn):
+        """Serve requests, one at a time, until the client disconnects."""
         image = self.image
-        buffer = aligned_buffer(NBD_MAX_READ)
-        while True:
-            magic, _, kind, handle, offset, length = NBD_REQUEST.unpack(
-                _recv_exact(conn, NBD_REQUEST.size))
-            if magic != NBD_REQUEST_MAGIC:
-                raise _NbdClosed("bad request magic 0x%x" % magic)
-            error = 0
-            in_range = offset + length <= image.size
-            if kind == NBD_CMD_READ:
-                if not in_range or length > NBD_MAX_READ:
-                    error = errno.EINVAL
-                else:
-                    try:
-                        view = image.read(offset, length, buffer)
-                    except EraError as exc:
-                        self.log("read of %d bytes at offset %d failed: %s"
-                                 % (length, offset, exc))
-                        error = errno.EIO
+        ahead = _ReadAhead(image)
+        try:
+            while True:
+                magic, _, kind, handle, offset, length = NBD_REQUEST.unpack(
+                    _recv_exact(conn, NBD_REQUEST.size))
+                if magic != NBD_REQUEST_MAGIC:
+                    raise _NbdClosed("bad request magic 0x%x" % magic)
+                error = 0
+                in_range = offset + length <= image.size
+                if kind == NBD_CMD_READ:
+                    if not in_range or length > NBD_MAX_READ:
+                        error = errno.EINVAL
                     else:
-                        conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, 0, handle))
-                        conn.sendall(view)
-                        self.reads += 1
-                        continue
-            elif kind == NBD_CMD_DISC:
-                return
-            elif kind == NBD_CMD_WRITE:
-                if length > NBD_MAX_READ:
-                    raise _NbdClosed("a write of %d bytes" % length)
-                _recv_exact(conn, length)     # its data, to keep in step with the client
-                error = errno.EPERM
-            elif kind in (NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES):
-                error = errno.EPERM
-            elif kind == NBD_CMD_FLUSH:
-                error = 0                 # nothing is ever written: nothing to flush
-            elif kind == NBD_CMD_CACHE:
-                error = 0 if in_range else errno.EINVAL
-            else:
-                error = errno.EINVAL
-            conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, error, handle))
+                        try:
+                            view = ahead.read(offset, length)
+                        except EraError as exc:
+                            self.log("read of %d bytes at offset %d failed: %s"
+                                     % (length, offset, exc))
+                            error = errno.EIO
+                        else:
+                            conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, 0, handle))
+                            conn.sendall(view)
+                            self.reads += 1
+                            continue
+                elif kind == NBD_CMD_DISC:
+                    return
+                elif kind == NBD_CMD_WRITE:
+                    if length > NBD_MAX_READ:
+                        raise _NbdClosed("a write of %d bytes" % length)
+                    _recv_exact(conn, length)     # its data, to keep in step with the client
+                    error = errno.EPERM
+                elif kind in (NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES):
+                    error = errno.EPERM
+                elif kind == NBD_CMD_FLUSH:
+                    error = 0                 # nothing is ever written: nothing to flush
+                elif kind == NBD_CMD_CACHE:
+                    error = 0 if in_range else errno.EINVAL
+                else:
+                    error = errno.EINVAL
+                conn.sendall(NBD_REPLY.pack(NBD_REPLY_MAGIC, error, handle))
+        finally:
+            ahead.close()
+
+
+class _ReadAhead:
+    """One client's reads; for a client that reads in order, read ahead as copy reads.
+
+    Once a read starts where the one before it ended, the rest of the image
+    is read ahead by read_ahead() (CHUNK_SIZE pieces, two in flight, a few
+    buffered) and the reads are served from it, while they go in order: the
+    disk is kept busy as under copy, not idle while a reply is sent.  Any
+    other read stops it and is read alone.  So is a read whose piece read
+    ahead failed (damaged undo data there fails only the reads that need it),
+    and no read ahead starts again before the end of that piece.  A read is a
+    view of one buffer, valid until the next read.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.buffer = aligned_buffer(NBD_MAX_READ)
+        self.chunks = None            # read_ahead() from where the client reads in order
+        self.current = None           # (offset, view) of its chunk now
+        self.last_end = None
+        self.failed_until = 0         # no read ahead of a piece that failed: read alone
+
+    def read(self, offset, length):
+        sequential = offset == self.last_end
+        self.last_end = None
+        if self.chunks is not None:
+            start, view = self.current
+            if not start <= offset <= start + len(view):
+                self.stop()
+        if self.chunks is None and sequential and offset >= self.failed_until:
+            self.chunks = read_ahead(self.image, [(offset, self.image.size - offset)],
+                                     CHUNK_SIZE)
+            self.current = (offset, memoryview(b""))
+        result = None
+        if self.chunks is not None:
+            result = self._from_chunks(offset, length)
+        if result is None:
+            result = self.image.read(offset, length, self.buffer)
+        self.last_end = offset + length
+        return result
+
+    def _from_chunks(self, offset, length):
+        """The read from the pieces read ahead; None if one of them failed."""
+        out = memoryview(self.buffer)
+        position, stop = offset, offset + length
+        try:
+            while position < stop:
+                start, view = self.current
+                if position >= start + len(view):
+                    try:
+                        start, view, _ = next(self.chunks)
+                    except EraError:
+                        self.failed_until = start + len(view) + CHUNK_SIZE
+                        self.stop()
+                        return None
+                    self.current = (start, view)
+                count = min(stop, start + len(view)) - position
+                out[position - offset:position - offset + count] = \
+                    view[position - start:position - start + count]
+                position += count
+        except BaseException:
+            self.stop()
+            raise
+        return out[:length]
+
+    def stop(self):
+        if self.chunks is not None:
+            chunks, self.chunks, self.current = self.chunks, None, None
+            chunks.close()
+
+    close = stop
 
 
 class _NbdClosed(Exception):
@@ -6121,7 +6229,9 @@ examples:
 
 The stream is a full copy (with ZERO chunks, as copy --full writes them) of the
 version at ERA, rebuilt from the mirror and the undo files between them, which
-are only read. apply writes it anywhere a full stream goes.
+are only read, once. Each undo chunk is checked as it is used: a damaged one
+stops the export there (exit 1; 'versions' checks every undo file first).
+apply writes it anywhere a full stream goes.
 """
 
 
@@ -6146,7 +6256,7 @@ def add_export_parser(commands):
 
 def cmd_export(args):
     refuse_terminal(args.output)
-    with Versions(args.mirror, args.state, args.undo) as found:
+    with Versions(args.mirror, args.state, args.undo, check=False) as found:
         version = found.select(args.at)
         refuse_same_files(found.inputs(), [("the stream %s" % (
             args.output or "on standard output"), args.output)])
@@ -6188,7 +6298,7 @@ def add_serve_parser(commands):
 
 
 def cmd_serve(args):
-    with Versions(args.mirror, args.state, args.undo) as found:
+    with Versions(args.mirror, args.state, args.undo, check=False) as found:
         version = found.select(args.at)
         image = found.image(version)
         server = NbdServer(image, args.socket, lambda line: err("era_tool: serve: " + line))
