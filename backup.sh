@@ -27,6 +27,13 @@
 #                    run) or 0 (never; the default)
 #   VERIFY_SLICE     K: each verify covers the next 1/K of the device, where the last one stopped (default: 1,
 #                    all of it), so that a large mirror is verified whole every K verifying runs
+#   RATE_LIMIT       read HOST's device at most this many bytes a second (K, M, G: powers of 1024; e.g. 50M), in
+#                    every copy and verify but the final pass under fsfreeze, which writers wait for (default: none)
+#   IONICE, NICE     run those copies and verifies on HOST under `ionice IONICE` (e.g. -c3, or -c2 -n7) and
+#                    `nice -n NICE` (0 to 19); where HOST lacks the command, one log line says it is skipped
+#   ALLOW_OLD_KERNEL 1: go on when HOST runs a kernel older than 5.12 (its dm-era can lose tracked writes after a
+#                    crash), for a kernel known to carry the fixes (default: 0, refuse)
+#   METRICS          a node_exporter textfile to write after each run, atomically (default: none)
 #
 # HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze and flock: era_tool reads the dm-era metadata
 # itself. With MOUNTPOINT, /run/era_tool-backup.DEV on HOST (DEV: the filesystem's device number) records whose
@@ -37,14 +44,19 @@
 # Exit 0: the mirror is complete and, with MOUNTPOINT, consistent (copied under fsfreeze); its state is durable.
 # Exit 3: the same, after a verify found blocks that had diverged from HOST's device (written behind dm-era's
 # back, or rotted here) and repaired them.
-# $DIR/$FILE.verify counts the runs and remembers the next slice to verify.
+# Exit 2: usage. Exit 129, 130, 143: stopped by SIGHUP, SIGINT, SIGTERM (the whole process group, as systemd stops a
+# unit; a signal to this shell alone waits for the pass under way).
+# $DIR/$FILE.verify counts the runs and remembers the next slice to verify. $DIR/$FILE.runs.jsonl gets one JSON line per
+# run that got as far as knowing DIR (when, how long, bytes, passes, eras, verify counts, exit code, message).
 set -euo pipefail
 
 log() { printf '%s backup.sh: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+run_message=
+die() { log "error: $*"; run_message="error: $*"; exit 1; }
 
 settings="HOST SSH ERA_DEVICE DATA_DEVICE METADATA_DEVICE GRANULARITY MOUNTPOINT FREEZE_LIMIT FREEZE_TIMEOUT
-DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO VERIFY VERIFY_SLICE"
+DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO VERIFY VERIFY_SLICE RATE_LIMIT IONICE NICE
+ALLOW_OLD_KERNEL METRICS"
 
 load_settings() {
     local line key value lineno=0
@@ -84,6 +96,11 @@ COMPRESS=${COMPRESS:-gzip}
 KEEP_UNDO=${KEEP_UNDO:-0}
 VERIFY=${VERIFY:-0}
 VERIFY_SLICE=${VERIFY_SLICE:-1}
+RATE_LIMIT=${RATE_LIMIT:-}
+IONICE=${IONICE:-}
+NICE=${NICE:-}
+ALLOW_OLD_KERNEL=${ALLOW_OLD_KERNEL:-0}
+METRICS=${METRICS:-}
 
 for number in FREEZE_LIMIT FREEZE_TIMEOUT MAX_PASSES KEEP_UNDO VERIFY_SLICE; do
     [[ ${!number} =~ ^[0-9]+$ ]] || die "$number must be a whole number, not '${!number}'"
@@ -92,8 +109,13 @@ done
 [ "$MAX_PASSES" -ge 1 ] || die "MAX_PASSES must be at least 1"
 [ "$VERIFY" = ALWAYS ] || [[ $VERIFY =~ ^[0-9]+$ ]] || die "VERIFY must be ALWAYS, a number of runs or 0, not '$VERIFY'"
 [ "$VERIFY_SLICE" -ge 1 ] || die "VERIFY_SLICE must be at least 1"
+[ -z "$RATE_LIMIT" ] || [[ $RATE_LIMIT =~ ^[0-9]+[KMGkmg]?$ ]] || die "RATE_LIMIT must be bytes a second, e.g. 50M, not '$RATE_LIMIT'"
+[ -z "$IONICE" ] || [[ $IONICE =~ ^-c\ ?[1-3](\ -n\ ?[0-7])?$ ]] || die "IONICE must be ionice's class options, e.g. -c3 or -c2 -n7, not '$IONICE'"
+[ -z "$NICE" ] || { [[ $NICE =~ ^[0-9]+$ ]] && [ "$NICE" -le 19 ]; } || die "NICE must be 0 to 19, not '$NICE'"
+case $ALLOW_OLD_KERNEL in 0|1) ;; *) die "ALLOW_OLD_KERNEL must be 0 or 1, not '$ALLOW_OLD_KERNEL'" ;; esac
 [ -r "$TOOL" ] || die "cannot read TOOL $TOOL"
 [ -d "$DIR" ] || die "DIR $DIR is not a directory"
+[ -z "$METRICS" ] || [ -d "$(dirname -- "$METRICS")" ] || die "METRICS $METRICS: no such directory"
 case $COMPRESS in
     gzip) pack='gzip -1'; unpack='gzip -d' ;;
     zstd) pack='zstd -1 -q'; unpack='zstd -d -q' ;;
@@ -115,6 +137,10 @@ remote_prelude() {
 set -eu
 ERA=$(q "$ERA_DEVICE") META=$(q "$METADATA_DEVICE") DATA=$(q "$DATA_DEVICE") MP=$(q "$MOUNTPOINT")
 G=$(q "$GRANULARITY") TIMEOUT=$(q "$FREEZE_TIMEOUT")
+# The gentle prefix of the copies and verifies (split into words where used), and their --rate-limit.
+GENTLY=$(q "$gently") LIMIT=$(q "${RATE_LIMIT:+--rate-limit=$RATE_LIMIT}")
+# The operator's word that HOST's old kernel carries the dm-era fixes: era_tool takes it from the environment.
+if [ $(q "$ALLOW_OLD_KERNEL") = 1 ]; then export ALLOW_OLD_KERNEL=1; fi
 export PYTHONDONTWRITEBYTECODE=1
 for t in /dev/shm /run "\${TMPDIR:-/tmp}"; do d=\$(mktemp -d "\$t/era_backup.XXXXXX" 2>/dev/null) && break; done
 [ -n "\${d:-}" ] || { echo "backup.sh (remote): cannot make a temporary directory" >&2; exit 1; }
@@ -166,8 +192,14 @@ snapshot() {
     dmsetup message "\$ERA" 0 take_metadata_snap
     snap=1
     # The era new writes land in from now on: the next pass starts there.
-    era=\$(dmsetup status "\$ERA" | awk '{ print \$6 }')
+    status=\$(dmsetup status "\$ERA")
+    era=\$(echo "\$status" | awk '{ print \$6 }')
     case \$era in ''|*[!0-9]*) echo "backup.sh (remote): cannot read the era of \$ERA" >&2; exit 1 ;; esac
+    # A full metadata device fails the data writes: no pass (its snapshot pins more blocks) over 95%.
+    if echo "\$status" | awk '{ split(\$5, u, "/"); exit !(u[2] > 0 && u[1] * 100 > u[2] * 95) }'; then
+        echo "backup.sh (remote): the metadata of \$ERA is over 95% full (\$(echo "\$status" | awk '{ print \$5 }') blocks): no pass started" >&2
+        exit 1
+    fi
 }
 EOF
 }
@@ -221,16 +253,18 @@ if [ "\$freeze" = 1 ]; then
 fi
 snapshot
 copy() {
+    # The final pass under fsfreeze at full speed: every writer of the filesystem waits for it.
+    [ "\$freeze" = 0 ] || GENTLY= LIMIT=
     if [ $(q "$kind") = full ]; then
-        python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+        \$GENTLY python3 "\$d/era_tool.py" copy --full --era "\$era" --source-id $(q "$SOURCE_ID") \$LIMIT "\$G" "\$DATA"
     elif [ $(q "$kind") = resume ]; then
         # The rest of the interrupted pass, and everything written since its snapshot, from this new one.
-        python3 "\$d/era_tool.py" copy --resume $(q "$since") $([ "$whole" = full ] && echo --full) \
-            --metadata "\$META" --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+        \$GENTLY python3 "\$d/era_tool.py" copy --resume $(q "$since") $([ "$whole" = full ] && echo --full) \
+            --metadata "\$META" --source-id $(q "$SOURCE_ID") \$LIMIT "\$G" "\$DATA"
     else
         # Block list, since-era and era (the snapshot's) straight from the metadata snapshot.
-        python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$since") \
-            --source-id $(q "$SOURCE_ID") "\$G" "\$DATA"
+        \$GENTLY python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$since") \
+            --source-id $(q "$SOURCE_ID") \$LIMIT "\$G" "\$DATA"
     fi
 }
 # The copy's exit status, through the compressor (no pipefail in POSIX sh; set -e must not end the
@@ -282,21 +316,170 @@ if r and s.get("resume_token"):
     print(s["resume_token"], "full" if r["covers"][0][0] is None else "incremental", r["total_bytes"] - r["applied_bytes"])'
 }
 
+# Copies standard input to standard output and appends how many bytes it copied to the file $1 (also when cut).
+count_into() {
+    python3 -c 'import os, sys
+count = 0
+try:
+    while True:
+        piece = os.read(0, 1 << 20)
+        if not piece:
+            break
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(1, view):]
+        count += len(piece)
+except OSError:
+    sys.exit(1)
+finally:
+    with open(sys.argv[1], "a") as f:
+        f.write("%d\n" % count)' "$1"
+}
+
 # One pass: copy | compress | ssh | decompress | apply. The mirror's era advances only if apply exits 0.
 # Without an undo file, apply records its progress as it goes, so a pass cut short is resumed by the next run.
 pass() {
-    local kind=$1 since=${2:-} whole=${3:-} started=$SECONDS undo=()
+    local kind=$1 since=${2:-} whole=${3:-} started=$SECONDS undo=() began
+    began=$(date +%s.%N)
+    run_passes=$((run_passes + 1))
     # A mirror with no era yet holds no version to go back to: no undo file, and the first full copy stays resumable.
     if [ "$KEEP_UNDO" -gt 0 ] && [ -n "$(mirror_era)" ]; then
         passes_run=$((passes_run + 1))
         undo=(--undo "$mirror.undo.$(date +%Y%m%d-%H%M%S).$(printf %03d "$passes_run").$kind")
     fi
-    remote_copy "$kind" "$since" "$whole" | $unpack | python3 "$TOOL" apply "${undo[@]}" "$mirror"
+    # The frozen pass's length bounds the freeze (which starts after the connection and ends at the thaw).
+    [ "$kind" != frozen ] || frozen_began=$began
+    remote_copy "$kind" "$since" "$whole" | count_into "$run_dir/sent" | $unpack | count_into "$run_dir/applied" |
+        python3 "$TOOL" apply "${undo[@]}" "$mirror"
+    [ "$kind" != frozen ] || { run_frozen=$(awk -v a="$began" -v b="$(date +%s.%N)" 'BEGIN { print b - a }'); frozen_began=; }
     log "$kind pass done in $((SECONDS - started)) s; mirror at era $(mirror_era)"
     if [ "$KEEP_UNDO" -gt 0 ]; then
         undo_files | head -n "-$KEEP_UNDO" | while IFS= read -r old; do rm -f -- "$old"; done
     fi
 }
+
+# The run's record: appended to $mirror.runs.jsonl by on_exit, whatever the exit, and with METRICS the textfile.
+read -r -d '' record_py <<'PY' || true
+import datetime, json, os, sys
+
+runs, metrics = sys.argv[1], sys.argv[2]
+env = os.environ
+
+
+def whole(name):
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def iso(seconds):
+    return (EPOCH + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-4] + "Z"
+
+
+def total(path):
+    try:
+        with open(path) as f:
+            return sum(int(line) for line in f if line.strip().isdigit())
+    except OSError:
+        return 0
+
+
+start, end = float(env["RUN_START"]), float(env["RUN_END"])
+record = {
+    "start": iso(start), "end": iso(end), "seconds": round(end - start, 3),
+    "source_id": env["RUN_SOURCE"], "mirror": env["RUN_MIRROR"],
+    "bytes_sent": total(env["RUN_DIR"] + "/sent"), "bytes_applied": total(env["RUN_DIR"] + "/applied"),
+    "passes": whole("RUN_PASSES") or 0, "frozen_seconds": round(float(env.get("RUN_FROZEN") or 0), 3),
+    "era_before": whole("RUN_ERA_BEFORE"), "era_after": whole("RUN_ERA_AFTER"),
+    "verified_blocks": whole("RUN_VERIFIED"), "repaired_blocks": whole("RUN_REPAIRED"),
+    "metadata_used_ratio": round(float(env["RUN_META_RATIO"]), 4) if env.get("RUN_META_RATIO") else None,
+    "exit_code": int(env["RUN_EXIT"]), "message": env.get("RUN_MESSAGE", ""),
+}
+fd = os.open(runs, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+try:
+    os.write(fd, (json.dumps(record) + "\n").encode())     # one write: whole lines, even side by side
+    os.fsync(fd)
+finally:
+    os.close(fd)
+if metrics:
+    success = 0.0
+    with open(runs, errors="replace") as f:
+        for line in f:
+            try:
+                old = json.loads(line)
+                if old.get("exit_code") in (0, 3) and old.get("source_id") == record["source_id"]:
+                    success = (datetime.datetime.strptime(old["end"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                               - EPOCH).total_seconds()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue                                      # a line cut by a full disk
+    label = '{source="%s"}' % record["source_id"].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    samples = [
+        ("last_success_timestamp_seconds", "when the last run that exited 0 or 3 ended (0: none yet)", success),
+        ("last_run_seconds", "how long the last run took", record["seconds"]),
+        ("last_bytes", "bytes the last run sent over ssh (compressed)", record["bytes_sent"]),
+        ("last_exit_code", "backup.sh's exit code in the last run (0, 3: the mirror is good)", record["exit_code"]),
+    ]
+    if record["metadata_used_ratio"] is not None:
+        samples.append(("metadata_used_ratio", "how full the era device's metadata was, 0 to 1",
+                        record["metadata_used_ratio"]))
+    text = "".join("# HELP era_backup_%s %s\n# TYPE era_backup_%s gauge\nera_backup_%s%s %s\n"
+                   % (name, help_, name, name, label, repr(value) if isinstance(value, float) else value)
+                   for name, help_, value in samples)
+    temporary = "%s.tmp.%d" % (metrics, os.getpid())
+    directory, base = os.path.split(os.path.abspath(metrics))
+    for name in os.listdir(directory):                      # left by a run killed while writing
+        if name.startswith(base + ".tmp."):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, metrics)                         # never half-written: whole or the old one
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+PY
+run_start=$(date +%s.%N) run_dir=$(mktemp -d "${TMPDIR:-/tmp}/era_backup.XXXXXX") run_passes=0 run_frozen=0
+frozen_began='' run_era_before='' run_verified='' run_repaired='' metadata_ratio=''
+on_exit() {
+    local rc=$? era summary
+    trap - HUP INT TERM
+    if [ -n "$frozen_began" ]; then
+        run_frozen=$(awk -v a="$frozen_began" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+    fi
+    era=$(mirror_era 2>/dev/null) || era='?'
+    case $rc in
+        0|3) summary=$run_message ;;
+        *)  if [ -n "$(mirror_resume 2>/dev/null)" ]; then
+                summary="failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
+            elif [ -n "$era" ] && [ "$era" != '?' ]; then
+                summary="failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
+            else
+                summary="failed (exit $rc): $mirror has no recorded era yet; run again"
+            fi
+            log "$summary"
+            case $rc in 129|130|143) summary="stopped by a signal; $summary" ;; esac
+            [ -z "$run_message" ] || summary="$run_message; $summary" ;;
+    esac
+    RUN_START=$run_start RUN_END=$(date +%s.%N) RUN_SOURCE=$SOURCE_ID RUN_MIRROR=$mirror RUN_DIR=$run_dir \
+        RUN_PASSES=$run_passes RUN_FROZEN=$run_frozen RUN_ERA_BEFORE=$run_era_before RUN_ERA_AFTER=${era//\?/} \
+        RUN_VERIFIED=$run_verified RUN_REPAIRED=$run_repaired RUN_META_RATIO=$metadata_ratio RUN_EXIT=$rc \
+        RUN_MESSAGE=$summary python3 -c "$record_py" "$mirror.runs.jsonl" "$METRICS" ||
+        log "error: cannot write the run's record to $mirror.runs.jsonl${METRICS:+ or $METRICS}"
+    rm -rf -- "$run_dir"
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # One run at a time per mirror.
 exec 9>>"$mirror.lock"
@@ -306,19 +489,7 @@ flock -n 9 || die "another backup.sh is running for $mirror"
 if [ -e "$mirror" ] && ! flock -n "$mirror" true; then
     die "$mirror is in use by another era_tool (an export or serve of a kept version, or a verify): stop it, then run again"
 fi
-on_exit() {
-    local rc=$? era
-    case $rc in 0|3) return ;; esac
-    era=$(mirror_era 2>/dev/null) || era='?'
-    if [ -n "$(mirror_resume 2>/dev/null)" ]; then
-        log "failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
-    elif [ -n "$era" ]; then
-        log "failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
-    else
-        log "failed (exit $rc): $mirror has no recorded era yet; run again"
-    fi
-}
-trap on_exit EXIT
+run_era_before=$(mirror_era 2>/dev/null) || run_era_before=''
 
 # A pass killed with the backup host (power, OOM) leaves its undo file without a trailer: finish its rollback,
 # so the mirror is whole again before anything else. rollback tells that apart from an undo file damaged after
@@ -331,6 +502,46 @@ if [ -n "$last_undo" ] && ! python3 "$TOOL" info -i "$last_undo" >/dev/null 2>&1
         die "cannot roll back with $last_undo (the line above says why). If it says the apply completed, $mirror is whole: move $last_undo out of the way (mv -- '$last_undo' '$last_undo.damaged') and run again"
     rm -f -- "$last_undo"
 fi
+
+# One look at HOST before anything is copied: its kernel, how full the era device's metadata is, and whether it has
+# ionice and nice (one line for what it lacks).
+# shellcheck disable=SC2016 # expanded on HOST
+probe=$("${ssh_command[@]}" "$HOST" 'uname -r; dmsetup status '"$(q "$ERA_DEVICE")"' 2>&1 | head -n 1
+for c in ionice nice; do command -v "$c" >/dev/null 2>&1 && echo "$c"; done; true' </dev/null) ||
+    die "cannot reach $HOST (ssh failed)"
+kernel=$(sed -n 1p <<< "$probe")
+status=$(sed -n 2p <<< "$probe")
+have=$(sed -n '3,$p' <<< "$probe")
+if [[ $kernel =~ ^([0-9]+)\.([0-9]+) ]] && { [ "${BASH_REMATCH[1]}" -lt 5 ] ||
+        { [ "${BASH_REMATCH[1]}" -eq 5 ] && [ "${BASH_REMATCH[2]}" -lt 12 ]; }; }; then
+    [ "$ALLOW_OLD_KERNEL" = 1 ] ||
+        die "$HOST runs kernel $kernel, older than 5.12: its dm-era can lose tracked writes after a crash, and an incremental would then miss them; upgrade, or set ALLOW_OLD_KERNEL=1 for a kernel that carries the 2021 dm-era fixes"
+    log "$HOST runs kernel $kernel, older than 5.12 (ALLOW_OLD_KERNEL=1: going on)"
+fi
+read -r _ _ target _ usage _ <<< "$status" || true
+if ! { [ "${target:-}" = era ] && [[ ${usage:-} =~ ^([0-9]+)/([1-9][0-9]*)$ ]]; }; then
+    die "$HOST: $ERA_DEVICE is not an era device: dmsetup status says: $status"
+fi
+used=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+metadata_percent=$((used * 100 / total))
+metadata_ratio=$(awk -v u="$used" -v t="$total" 'BEGIN { printf "%.4f", u / t }')
+if [ $((used * 100)) -gt $((total * 95)) ]; then
+    die "the metadata of $HOST:$ERA_DEVICE is $metadata_percent% full ($used of $total blocks): when it fills, the kernel fails the writes to the data device; no pass started. A metadata snapshot held by a run that died pins blocks (dmsetup message $ERA_DEVICE 0 drop_metadata_snap); else give the era device a larger metadata device"
+elif [ $((used * 100)) -gt $((total * 80)) ]; then
+    log "warning: the metadata of $HOST:$ERA_DEVICE is $metadata_percent% full ($used of $total blocks): when it fills, the kernel fails the writes to the data device"
+fi
+gently=
+for tool in "ionice IONICE $IONICE" "nice NICE -n $NICE"; do
+    read -r tool setting options <<< "$tool"
+    [ -n "${!setting}" ] || continue
+    if [[ $'\n'$have$'\n' == *$'\n'$tool$'\n'* ]]; then
+        gently+="$tool $options "
+    else
+        log "$HOST has no $tool: $setting skipped"
+    fi
+done
+gently=${gently% }
+[ -z "$RATE_LIMIT$gently" ] || log "copies and verifies read $HOST:$DATA_DEVICE${RATE_LIMIT:+ at most $RATE_LIMIT a second}${gently:+ under $gently} (not the final pass under fsfreeze)"
 
 # A pass that stopped midway (the link dropped, this host rebooted) is resumed, not started over: the rest of it and
 # everything written since its snapshot (see README, "Resuming an interrupted copy").
@@ -369,7 +580,8 @@ while :; do
     fi
     era=$(mirror_era)
 done
-log "done: $mirror holds $SOURCE_ID at era $(mirror_era)"
+run_message="done: $mirror holds $SOURCE_ID at era $(mirror_era)"
+log "$run_message"
 
 # ---- verify: the mirror compared with the device, block by block, and repaired
 
@@ -377,7 +589,7 @@ log "done: $mirror holds $SOURCE_ID at era $(mirror_era)"
 # are listed in it. sum takes the metadata snapshots itself, one before and one after its read.
 remote_sum() {
     remote <<EOF
-python3 "\$d/era_tool.py" sum --key $(q "$4") --metadata "\$META" --since $(q "$1") --range $(q "$2:$3") "\$G" "\$DATA"
+\$GENTLY python3 "\$d/era_tool.py" sum \$LIMIT --key $(q "$4") --metadata "\$META" --since $(q "$1") --range $(q "$2:$3") "\$G" "\$DATA"
 EOF
 }
 
@@ -385,7 +597,7 @@ EOF
 remote_repair() {
     remote "$2" <<EOF
 exec 3>&1
-status=\$( { { rc=0; python3 "\$d/era_tool.py" copy --repair --era $(q "$1") --source-id $(q "$SOURCE_ID") "\$G" "\$DATA" || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )
+status=\$( { { rc=0; \$GENTLY python3 "\$d/era_tool.py" copy --repair \$LIMIT --era $(q "$1") --source-id $(q "$SOURCE_ID") "\$G" "\$DATA" || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )
 exec 3>&-
 [ "\$status" = 0 ] || { echo "backup.sh (remote): copy --repair failed (exit \$status)" >&2; exit 1; }
 EOF
@@ -418,12 +630,16 @@ diverged=$mirror.diverged.xml
 started=$SECONDS count=0
 if [ "$begin" -lt "$end" ]; then
     rc=0
-    remote_sum "$era" "$begin" "$end" "$key" | python3 "$TOOL" verify --key "$key" -o "$diverged" "$mirror" || rc=$?
+    remote_sum "$era" "$begin" "$end" "$key" | count_into "$run_dir/sent" | python3 "$TOOL" verify --key "$key" -o "$diverged" "$mirror" || rc=$?
+    [ "$rc" != 0 ] && [ "$rc" != 3 ] || run_verified=$((end - begin)) run_repaired=0
     case $rc in
         0) log "verify of blocks $begin-$((end - 1)) of $blocks (slice $((slice + 1)) of $VERIFY_SLICE) done in $((SECONDS - started)) s: identical" ;;
         3) count=$(python3 "$TOOL" copy --json 8 < "$diverged" | python3 -c 'import json, sys; print(json.load(sys.stdin)["blocks"])')
            log "verify of blocks $begin-$((end - 1)) of $blocks: $count blocks diverged from $HOST:$DATA_DEVICE (written behind dm-era's back, or damaged here): repairing them"
-           remote_repair "$era" "$diverged" | $unpack | python3 "$TOOL" apply "$mirror"
+           remote_repair "$era" "$diverged" | count_into "$run_dir/sent" | $unpack | count_into "$run_dir/applied" |
+               python3 "$TOOL" apply "$mirror"
+           run_repaired=$count
+           run_message="$run_message; repaired $count blocks that had diverged"
            log "repaired $count blocks in $((SECONDS - started)) s; $mirror stays at era $(mirror_era)" ;;
         *) die "verify of $mirror failed (exit $rc)" ;;
     esac

@@ -130,7 +130,7 @@ The parts of this file, in order (each a section headed by a comment box):
     Sums                        SumHeader, sum_device() and verify_mirror():
                                 the engines of sum and verify
     Messages and progress       Progress, warn(), err(), shown(), say()
-    Engines                     read_ahead() and copy_device() for copy;
+    Engines                     RateLimit, read_ahead() and copy_device() for copy;
                                 write_chunks(), apply_stream() and
                                 roll_back() for apply and rollback
     Command line (shared)       help formatting, argument types, --version
@@ -170,7 +170,7 @@ __all__ = [
     "StreamHeader", "Chunk", "chunk_crc", "StreamWriter", "LegacyWriter",
     "Input", "StreamReader", "LegacyReader",
     "MirrorState", "UndoLog", "UndoFile", "Version", "Versions", "VersionImage", "NbdServer",
-    "read_ahead", "copy_device", "write_chunks", "apply_stream", "roll_back",
+    "RateLimit", "read_ahead", "copy_device", "write_chunks", "apply_stream", "roll_back",
     "build_parser", "main",
 ]
 
@@ -192,6 +192,9 @@ XML_READ = 1 << 16                # block list is fed to the parser in these
 PIPE_SIZE = 1 << 20               # the most an unprivileged process may ask for
 READ_AHEAD = 4                    # buffers between a reading and a writing thread
 READERS = 2                       # copy's reading threads: requests the disk has at once
+MIN_KERNEL = (5, 12)              # dm-era loses tracked writes after a crash before it
+METADATA_WARN = 80                # percent of the era metadata device used: warn
+METADATA_REFUSE = 95              # ... refuse to start a copy (--force)
 UNDO_BATCH = 32 << 20             # apply --undo syncs the undo file once per this much data
 OUTPUT_STAGE = 4 << 20            # the undo file is written with O_DIRECT in pieces this big
 
@@ -1300,21 +1303,99 @@ def dm_name(path):
         return None
 
 
-def dm_message(name, message):
-    """Send a message to a device-mapper target (dmsetup message NAME 0 MESSAGE)."""
+def dmsetup(*words):
+    """Run dmsetup with these arguments; its output.  The one place that runs it."""
     import subprocess
     try:
-        result = subprocess.run(["dmsetup", "message", name, "0", message],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        result = subprocess.run(("dmsetup",) + words, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
-        raise EraError("cannot run dmsetup (%s) to send %s to %s"
-                       % (exc.strerror or exc, message, name)) from None
+        raise EraError("cannot run dmsetup %s (%s)" % (" ".join(words[:1]),
+                                                       exc.strerror or exc)) from None
     if result.returncode:
-        words = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise EraError("dmsetup message %s 0 %s failed: %s"
-                       % (name, message, shown(words[-1] if words else "exit status %d"
-                                               % result.returncode)))
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise EraError("dmsetup %s failed: %s" % (shown(" ".join(words)), shown(
+            lines[-1] if lines else "exit status %d" % result.returncode)))
+    return result.stdout.decode("utf-8", "replace")
+
+
+def dm_message(name, message):
+    """Send a message to a device-mapper target (dmsetup message NAME 0 MESSAGE)."""
+    dmsetup("message", name, "0", message)
+
+
+def kernel_problem(release):
+    """Why dm-era on the kernel `release` (uname -r) is not to be trusted, or None."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if match is None or (int(match.group(1)), int(match.group(2))) >= MIN_KERNEL:
+        return None
+    return ("the running kernel %s is older than %d.%d: its dm-era can lose tracked writes "
+            "after a crash, and an incremental would then miss them; run %d.%d or later, or, "
+            "for a kernel that carries the 2021 dm-era fixes (they were sent to the stable "
+            "kernels), ALLOW_OLD_KERNEL=1 in the environment (or --force)"
+            % ((shown(release),) + MIN_KERNEL + MIN_KERNEL))
+
+
+def era_targets_on(metadata):
+    """The names of the era devices whose metadata device is `metadata` (none for a file)."""
+    try:
+        info = os.stat(metadata)
+    except OSError:
+        return []                 # read_changed_blocks says what is wrong with it
+    if not stat.S_ISBLK(info.st_mode):
+        return []
+    device = "%d:%d" % (os.major(info.st_rdev), os.minor(info.st_rdev))
+    names = []
+    for line in dmsetup("table", "--target", "era").splitlines():
+        name, _, table = line.partition(": ")
+        fields = table.split()
+        if len(fields) >= 6 and fields[2] == "era" and fields[3] == device:
+            names.append(name)
+    return names
+
+
+def metadata_usage(name):
+    """(used, total) 4 KiB blocks of the era device `name`'s metadata, from dmsetup status."""
+    fields = dmsetup("status", name).split()
+    match = re.match(r"\A([0-9]+)/([0-9]+)\Z", fields[4]) if len(fields) >= 6 else None
+    if match is None or fields[2] != "era" or not int(match.group(2)):
+        raise EraError("dmsetup status %s is not an era target's: %s"
+                       % (shown(name), shown(" ".join(fields)[:80])))
+    return int(match.group(1)), int(match.group(2))
+
+
+def guard_era_host(metadata, force):
+    """copy --metadata and blocks: refuse what would make a wrong list (--force: warn).
+
+    A kernel before 5.12 (its dm-era loses tracked writes after a crash; with
+    ALLOW_OLD_KERNEL=1 in the environment, the operator's word that this one
+    carries the fixes, nothing is said), and an era device whose metadata is
+    over METADATA_REFUSE full: when it fills, the kernel fails the writes to
+    the data device, and a pass (its snapshot) takes more.  Over METADATA_WARN,
+    a warning.
+    """
+    problems = []
+    problem = kernel_problem(os.uname().release)
+    if problem is not None and os.environ.get("ALLOW_OLD_KERNEL") != "1":
+        problems.append(problem)
+    for name in era_targets_on(metadata):
+        used, total = metadata_usage(name)
+        percent = used * 100 // total
+        if used * 100 <= METADATA_WARN * total:
+            continue
+        text = ("the metadata of the era device %s is %d%% full (%d of %d blocks): when it "
+                "fills, the kernel fails the writes to the data device; a metadata snapshot "
+                "held by a tool that died pins blocks (dmsetup message %s 0 "
+                "drop_metadata_snap), else give it a larger metadata device"
+                % (shown(name), percent, used, total, shown(name)))
+        if used * 100 > METADATA_REFUSE * total:
+            problems.append(text + ("; --force to copy anyway" if not force else ""))
+        else:
+            warn(text)
+    for problem in problems:
+        if not force:
+            raise EraError(problem)
+        warn(problem + " (--force: going on)")
 
 
 def take_metadata_snapshot(name):
@@ -4098,12 +4179,12 @@ def sum_chunk_size(block_bytes):
     return block_bytes * max(1, CHUNK_SIZE // block_bytes)
 
 
-def sum_device(source, header, output, progress, changed=None):
+def sum_device(source, header, output, progress, changed=None, limit=None):
     """sum's engine: the digests of the header's blocks of `source`, to `output`.
 
     changed: a function returning the blocks written since header.since_era
     (a ChangedBlocks), called after the data is read, so that the writes that
-    landed during the read are among them.
+    landed during the read are among them.  limit: a RateLimit for the reads.
     """
     block_bytes = header.block_bytes
     start = header.begin * block_bytes
@@ -4111,8 +4192,11 @@ def sum_device(source, header, output, progress, changed=None):
     crc = zlib.crc32(header.pack())
     output.write(header.raw)
     done = 0
-    for _, digests, _ in read_ahead(source, [(start, stop - start)],
-                                    sum_chunk_size(block_bytes), header.hasher()):
+    chunk_size = sum_chunk_size(block_bytes)
+    if limit is not None:
+        chunk_size = limit.chunk_size(chunk_size, block_bytes)
+    for _, digests, _ in read_ahead(source, [(start, stop - start)], chunk_size,
+                                    header.hasher(), limit):
         output.write(digests)
         crc = zlib.crc32(digests, crc)
         done += len(digests) // header.digest_size * block_bytes
@@ -4252,10 +4336,11 @@ class Progress:
 
     INTERVAL = 0.5
 
-    def __init__(self, enabled, verb, total=None):
+    def __init__(self, enabled, verb, total=None, limit=None):
         self.enabled = enabled
         self.verb = verb
         self.total = total
+        self.limit = limit            # bytes a second, shown beside the rate
         self.start = self.last = time.monotonic()
         self.shown = False
 
@@ -4272,6 +4357,8 @@ class Progress:
         if self.total:
             text += " / %s (%d%%)" % (human(self.total), done * 100 // self.total)
         text += ", %s/s" % human(rate)
+        if self.limit:
+            text += " (limit %s/s)" % human(self.limit)
         if self.total and rate > 0 and done < self.total:
             text += ", ETA %s" % _clock((self.total - done) / rate)
         sys.stderr.write("\r%s\033[K" % text)
@@ -4353,7 +4440,40 @@ class BufferPool:
         self.free.put(buffer)
 
 
-def read_ahead(source, spans, chunk_size, work=None):
+class RateLimit:
+    """--rate-limit: the reads of copy and sum, at most `rate` bytes a second, evenly.
+
+    Each read reserves the next free slot of the clock, of its size / rate
+    seconds, and its thread sleeps until the slot starts.  Nothing is saved
+    up while the reads wait for the consumer, so the rate is not exceeded over
+    any interval longer than a slot, and the pieces are small (about 1/40 s
+    of the rate) so that the disk and the pipe see a steady flow, not a burst
+    each second.  The reads are what is held back: the output follows them,
+    at most READ_AHEAD pieces behind.
+    """
+
+    SLOTS_PER_SECOND = 40
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.due = None               # when the next slot starts
+        self.lock = threading.Lock()
+
+    def chunk_size(self, largest, unit=DIRECT_ALIGN):
+        """A read size of about one slot, in whole units, at most `largest` (one unit at least)."""
+        size = self.rate // self.SLOTS_PER_SECOND // unit * unit
+        return max(unit, min(largest // unit * unit or unit, size))
+
+    def reserve(self, count):
+        """Seconds to wait before reading `count` bytes."""
+        with self.lock:
+            now = time.monotonic()
+            start = now if self.due is None or self.due < now else self.due
+            self.due = start + count / self.rate
+        return start - now
+
+
+def read_ahead(source, spans, chunk_size, work=None, limit=None):
     """Yield (offset, view, span) for each chunk of the spans, in order, read by other threads.
 
     span is the (offset, length) being read when the chunk starts it, else None.
@@ -4364,7 +4484,8 @@ def read_ahead(source, spans, chunk_size, work=None):
     one, so a copy costs about max(read, write) rather than their sum (the
     reads, checksums and writes all release the GIL); two readers keep two
     requests in flight, which disks serve faster than one at a time.  A view
-    is valid until the next one is asked for.
+    is valid until the next one is asked for.  limit: a RateLimit the reads
+    keep to (their slots are taken in the order of the chunks).
     """
     pool = BufferPool(READ_AHEAD, chunk_size)
     requests = _chunk_requests(spans, chunk_size)
@@ -4379,6 +4500,7 @@ def read_ahead(source, spans, chunk_size, work=None):
             buffer = pool.take()      # before a number: the consumer can always go on
             if buffer is None or stop.is_set():
                 return
+            wait = 0
             with numbering:
                 request = next(requests, None)
                 number = issued[0]
@@ -4386,6 +4508,10 @@ def read_ahead(source, spans, chunk_size, work=None):
                     issued[1] = number
                 else:
                     issued[0] += 1
+                    if limit is not None:
+                        wait = limit.reserve(request[1])
+            if wait > 0 and stop.wait(wait):
+                return
             if request is None:
                 pool.give(buffer)
                 with arrived:
@@ -4444,15 +4570,16 @@ def _chunk_requests(spans, chunk_size):
             offset += size
 
 
-def copy_device(source, spans, writer, progress):
+def copy_device(source, spans, writer, progress, limit=None):
     """copy's engine: the spans of `source`, read ahead, through `writer`; bytes copied.
 
     writer: a StreamWriter (write_chunk) or a LegacyWriter (start_range, then
-    the data).
+    the data).  limit: a RateLimit for the reads (and smaller chunks).
     """
     done = 0
     legacy = isinstance(writer, LegacyWriter)
-    for offset, piece, span in read_ahead(source, spans, CHUNK_SIZE):
+    chunk_size = CHUNK_SIZE if limit is None else limit.chunk_size(CHUNK_SIZE)
+    for offset, piece, span in read_ahead(source, spans, chunk_size, limit=limit):
         if legacy:
             if span is not None:
                 writer.start_range(*span)
@@ -5138,6 +5265,25 @@ def _byte_size(text):
     return value
 
 
+MIN_RATE = 64 << 10               # --rate-limit below this is a typo, not a plan
+
+
+def _rate(text):
+    """--rate-limit: bytes a second, K, M, G (powers of 1024), optionally followed by /s."""
+    body = text.strip()
+    if body.lower().endswith("/s"):
+        body = body[:-2]
+    try:
+        value = _byte_size(body)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError("%r is not a rate in bytes a second (e.g. 50M: "
+                                         "50 MiB/s)" % text[:40])
+    if value < MIN_RATE:
+        raise argparse.ArgumentTypeError("%s is below the smallest limit, 64K (K, M and G are "
+                                         "powers of 1024)" % text.strip()[:40])
+    return value
+
+
 def _source_id(text):
     if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
         raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
@@ -5265,8 +5411,15 @@ def add_copy_parser(commands):
                       help="with --resume and no --metadata: era_invalidate --written-since ERA "
                            "of a new snapshot, for each era the token names (the message says "
                            "which); then --era is that snapshot's era")
+    copy.add_argument("--rate-limit", type=_rate, metavar="RATE",
+                      help="read DEVICE at most RATE bytes a second (K, M, G: powers of "
+                           "1024; e.g. 50M), evenly, in pieces of about 1/40 s")
+    copy.add_argument("--force", action="store_true",
+                      help="with --metadata: copy even on a kernel older than 5.12 (or "
+                           "ALLOW_OLD_KERNEL=1 in the environment), or with the era device's "
+                           "metadata over 95%% full (warnings instead)")
     copy.add_argument("--progress", action="store_true",
-                      help="show bytes copied, rate and ETA on stderr")
+                      help="show bytes copied, rate (and limit) and ETA on stderr")
     # Cross-checks report through this command's usage line.
     copy.set_defaults(func=cmd_copy, check=functools.partial(check_copy_args, copy))
     return copy
@@ -5335,6 +5488,10 @@ def check_copy_args(parser, args):
         parser.error("--full copies the whole device and reads no block list: drop -i")
     if args.json and args.device is not None:
         parser.error("--json prints the estimate, which takes no DEVICE")
+    if args.force and args.metadata is None:
+        parser.error("--force goes with --metadata (the kernel and metadata checks)")
+    if args.rate_limit is not None and args.device is None:
+        parser.error("--rate-limit limits the reads of DEVICE: the estimate reads none")
     if args.repair:
         if args.era is None or args.full or args.metadata is not None:
             parser.error("--repair copies the blocks verify listed (-i or stdin) onto the "
@@ -5499,6 +5656,8 @@ def cmd_copy(args):
                                     args.output)])
     elif sys.stdout is None:
         raise EraError("standard output is closed: nowhere to print the estimate")
+    if args.metadata is not None:
+        guard_era_host(args.metadata, args.force)
     if args.resume is not None:
         return _copy_resumed(args)
     ranges, block_size, since_era, era = _changed_blocks(args)
@@ -5543,13 +5702,18 @@ def _copy_resumed(args):
 
 
 def _write_stream(args, source, header, spans, total):
-    """copy's output: the spans of `source` as a stream with `header` (None: legacy)."""
+    """copy's output: the spans of `source` as a stream with `header` (None: legacy).
+
+    Also export's, which has no --rate-limit: it reads the backup host's own files.
+    """
+    rate = getattr(args, "rate_limit", None)
     output = Output(args.output)
     failed = True
     try:
         writer = LegacyWriter(output) if header is None else StreamWriter(output, header)
-        progress = Progress(args.progress, "copied", total)
-        done = copy_device(source, spans, writer, progress)
+        progress = Progress(args.progress, "copied", total, rate)
+        done = copy_device(source, spans, writer, progress,
+                           None if rate is None else RateLimit(rate))
         output.finish()
         progress.finish(done)
         failed = False
@@ -5649,6 +5813,10 @@ def add_blocks_parser(commands):
                         help="read the live superblock, and its current writeset, instead of "
                              "the snapshot: only for a stopped target or a copy of its "
                              "metadata")
+    blocks.add_argument("--force", action="store_true",
+                        help="list even on a kernel older than 5.12 (or ALLOW_OLD_KERNEL=1 in "
+                             "the environment), or with the era device's metadata over 95%% "
+                             "full (warnings instead)")
     blocks.set_defaults(func=cmd_blocks)
     return blocks
 
@@ -5656,6 +5824,7 @@ def add_blocks_parser(commands):
 def cmd_blocks(args):
     if sys.stdout is None:
         raise EraError("standard output is closed: nowhere to print the list")
+    guard_era_host(args.metadata, args.force)
     changed = read_changed_blocks(args.metadata, args.since, snapshot=not args.live)
     out = sys.stdout
     try:
@@ -5740,8 +5909,10 @@ def add_sum_parser(commands):
     sum_.add_argument("--live", action="store_true",
                       help="with --metadata: read the live superblock (a stopped target or a "
                            "copy of its metadata)")
+    sum_.add_argument("--rate-limit", type=_rate, metavar="RATE",
+                      help="read DEVICE at most RATE bytes a second, as copy --rate-limit")
     sum_.add_argument("--progress", action="store_true",
-                      help="show bytes hashed, rate and ETA on stderr")
+                      help="show bytes hashed, rate (and limit) and ETA on stderr")
     sum_.set_defaults(func=cmd_sum, check=functools.partial(check_sum_args, sum_))
     return sum_
 
@@ -5806,8 +5977,9 @@ def _sum(args, changed):
         failed = True
         try:
             total = min(end * block_bytes, source.size) - begin * block_bytes
-            progress = Progress(args.progress, "hashed", total)
-            done = sum_device(source, header, output, progress, changed)
+            progress = Progress(args.progress, "hashed", total, args.rate_limit)
+            done = sum_device(source, header, output, progress, changed,
+                              None if args.rate_limit is None else RateLimit(args.rate_limit))
             output.finish()
             progress.finish(done)
             failed = False
