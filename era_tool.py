@@ -14,17 +14,20 @@ Usage examples::
         | python3 era_tool.py copy 1024
     # copy the changed blocks to a backup host
     era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
-        | python3 era_tool.py copy 1024 /dev/mapper/root_era \\
+        | python3 era_tool.py copy --since-era 42 --era 45 --source-id web1:root \\
+            1024 /dev/mapper/root_era \\
         | ssh backup python3 era_tool.py apply /backup/root.img
-    # the first, full copy
-    python3 era_tool.py copy --full 1024 /dev/mapper/root_era > full.era
+    # the first, full copy (era: `dmsetup status`'s 6th field after a checkpoint)
+    python3 era_tool.py copy --full --era 45 --source-id web1:root 1024 \\
+        /dev/mapper/root_era > full.stream
     # no era_invalidate: the list straight from the metadata snapshot
-    python3 era_tool.py copy --metadata /dev/meta --since 42 /dev/mapper/root_era > delta.era
+    python3 era_tool.py copy --metadata /dev/meta --since 42 --source-id web1:root \\
+        /dev/mapper/root_era > delta.stream
     # check a stream without writing anything; show a mirror's era
-    python3 era_tool.py info -i full.era
+    python3 era_tool.py info -i full.stream
     python3 era_tool.py info /backup/root.img
     # all-or-nothing apply, and the way back
-    python3 era_tool.py apply --undo /backup/root.img.undo.1 /backup/root.img < delta.era
+    python3 era_tool.py apply --undo /backup/root.img.undo.1 /backup/root.img < delta.stream
     python3 era_tool.py rollback /backup/root.img.undo.1 /backup/root.img
     # prove the mirror equal to its source: only digests cross; repair what differs
     ssh host python3 era_tool.py sum --key $KEY 1024 /dev/mapper/root_era \\
@@ -5347,12 +5350,21 @@ examples:
   era_invalidate --metadata-snapshot --written-since 42 /dev/meta | python3 era_tool.py copy 1024
       print "N bytes to copy" (the estimate; --json for ranges and blocks too)
   era_invalidate --metadata-snapshot --written-since 42 /dev/meta \\
-      | python3 era_tool.py copy --since-era 42 --era 45 1024 /dev/mapper/root_era \\
+      | python3 era_tool.py copy --since-era 42 --era 45 --source-id web1:root \\
+          1024 /dev/mapper/root_era \\
       | gzip -1 | ssh backup 'gzip -d | python3 era_tool.py apply /srv/root.img'
-  python3 era_tool.py copy --full 1024 /dev/mapper/root_era -o full.era
-  python3 era_tool.py copy --metadata /dev/sda3 --since 42 /dev/mapper/root_era > delta.era
+  python3 era_tool.py copy --full --era 45 --source-id web1:root 1024 /dev/mapper/root_era \\
+      -o full.stream
+      the first backup; its era: `dmsetup status`'s 6th field after `dmsetup message
+      NAME 0 checkpoint`, where the next incremental starts
+  python3 era_tool.py copy --metadata /dev/sda3 --since 42 --source-id web1:root \\
+      /dev/mapper/root_era > delta.stream
       the block list, block size and eras straight from the metadata snapshot
-  python3 era_tool.py copy --resume TOKEN --metadata /dev/sda3 /dev/mapper/root_era > rest.era
+  python3 era_tool.py copy --full --rate-limit 50M --era 45 --source-id db1:data 1024 \\
+      /dev/mapper/data_era > full.stream
+      at most 50 MiB/s off the disk of a busy host
+  python3 era_tool.py copy --resume TOKEN --metadata /dev/sda3 --source-id web1:root \\
+      /dev/mapper/root_era > rest.stream
       the rest of an apply that stopped midway ('info MIRROR' prints TOKEN), from a new
       snapshot; --full for a first full copy
 """
@@ -5725,9 +5737,9 @@ APPLY_EPILOG = """\
 examples:
   ssh host 'era_invalidate ... | python3 era_tool.py copy 1024 /dev/mapper/root_era' \\
       | python3 era_tool.py apply /srv/root.img
-  python3 era_tool.py apply -i full.era /srv/root.img
-  zstd -d < delta.era.zst | python3 era_tool.py apply --progress /dev/backup/root
-  python3 era_tool.py apply --undo /srv/root.img.undo.$(date +%Y%m%d-%H%M%S) /srv/root.img < delta.era
+  python3 era_tool.py apply -i full.stream /srv/root.img
+  zstd -d < delta.stream.zst | python3 era_tool.py apply --progress /dev/backup/root
+  python3 era_tool.py apply --undo /srv/root.img.undo.$(date +%Y%m%d-%H%M%S) /srv/root.img < delta.stream
 
 exit 0 means the stream was complete and intact and the data is on disk (fsync).
 On a damaged or cut stream nothing unverified is written; the message says how
@@ -6168,18 +6180,24 @@ def cmd_rollback(args):
 
 INFO_EPILOG = """\
 examples:
-  python3 era_tool.py info -i delta.era
-  gzip -d < delta.era.gz | python3 era_tool.py info --json
+  python3 era_tool.py info -i delta.stream
+  gzip -d < delta.stream.gz | python3 era_tool.py info --json
   python3 era_tool.py info /srv/root.img          the mirror's size and the era it holds
+  python3 era_tool.py info -i /srv/root.img.undo.20261204-030001.001.incremental
+      an undo file: the stream that puts the mirror back as it was before that
+      apply (its era is the one the mirror held then)
 """
 
 
 def add_info_parser(commands):
     """The info command's options."""
     info = commands.add_parser(
-        "info", help="describe and verify a stream without writing anything",
-        description="Print a stream's header, read it through and report its chunks, bytes "
-                    "and whether it is intact. Exit 1 if it is damaged or cut short.",
+        "info", help="describe and verify a stream, or show a mirror's state",
+        description="Print a stream's header (stdin or -i STREAM; an undo file is read as "
+                    "the stream it is), read it through and report its chunks, bytes and "
+                    "whether it is intact; exit 1 if it is damaged or cut short. With "
+                    "MIRROR instead: the mirror's size and its state file (MIRROR.era): "
+                    "the era it holds, its source, a resume token. Nothing is written.",
         epilog=INFO_EPILOG, formatter_class=_RawHelpFormatter)
     info.add_argument("-i", "--input", metavar="STREAM",
                       help="read the stream from STREAM instead of standard input")
@@ -6312,6 +6330,14 @@ def _print_info(info, as_json):
                                     offset) for era, offset in value["layers"]))
         elif key == "intact" and value is None:
             value = "unknown (the original format has no checksums or end marker)"
+        elif key == "undo" and value is True:
+            # Its eras read backwards: it undoes the apply that took the mirror from
+            # era (before) to since era (after).
+            value = "yes: it puts the mirror %s (after the apply that wrote it) back %s" % (
+                "" if info.get("since_era") is None else "at era %d" % info["since_era"],
+                "as it was before" if info.get("era") is None
+                else "at era %d, as it was before" % info["era"])
+            value = value.replace("mirror  (", "mirror (")
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         elif value is None:

@@ -1404,6 +1404,27 @@ class TestChainGuard:
 
 
 class TestCommandLine:
+    def test_info_of_an_undo_file_says_what_its_eras_mean(self, tmp_path):
+        old = random_bytes(8 * BLOCK, 301)
+        source = write(tmp_path / "dev", old)
+        mirror = str(tmp_path / "m.img")
+        full = run_cli(["copy", "--full", "--era", "3", "--source-id", "s", str(BLOCK_SECTORS),
+                        source])
+        assert run_cli(["apply", mirror], stdin=full.stdout).returncode == 0
+        write(tmp_path / "dev", changed_device(old, [(2, 3)], 302))
+        delta = make_stream(tmp_path, source, [(2, 3)], "--since-era", "3", "--era", "5",
+                            "--source-id", "s")
+        undo = str(tmp_path / "m.undo")
+        assert run_cli(["apply", "--undo", undo, mirror], stdin=delta).returncode == 0
+        result = run_cli(["info", "-i", undo])
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.decode().splitlines()
+        assert "since era:   5" in lines and "era:         3" in lines
+        assert "undo:        yes: it puts the mirror at era 5 (after the apply that wrote it) " \
+            "back at era 3, as it was before" in lines, lines
+        plain = run_cli(["info", "-i", str(tmp_path / "s.era")])
+        assert "undo:        no" in plain.stdout.decode().splitlines()
+
     def test_version(self):
         result = run_cli(["--version"])
         assert result.returncode == 0
