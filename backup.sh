@@ -47,7 +47,7 @@
 # Exit 2: usage. Exit 129, 130, 143: stopped by SIGHUP, SIGINT, SIGTERM (the whole process group, as systemd stops a
 # unit; a signal to this shell alone waits for the pass under way).
 # $DIR/$FILE.verify counts the runs and remembers the next slice to verify. $DIR/$FILE.runs.jsonl gets one JSON line per
-# run that got as far as knowing DIR (when, how long, bytes, passes, eras, verify counts, exit code, message).
+# run past its settings (when, how long, bytes, passes, eras, verify counts, exit code, message).
 set -euo pipefail
 
 log() { printf '%s backup.sh: %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
