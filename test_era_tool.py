@@ -2476,7 +2476,7 @@ def parse_metrics(text):
 class TestRunRecords:
     """backup.sh's $FILE.runs.jsonl and METRICS, on every way a run ends."""
 
-    def setup(self, tmp_path, **extra):
+    def prepare(self, tmp_path, **extra):
         host = FakeDataHost(tmp_path)
         backups = tmp_path / "backups"
         backups.mkdir(exist_ok=True)
@@ -2492,7 +2492,7 @@ class TestRunRecords:
             return [json.loads(line) for line in f]
 
     def test_a_first_and_a_second_run(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path, VERIFY="ALWAYS")
+        host, backups, metrics, settings = self.prepare(tmp_path, VERIFY="ALWAYS")
         before = time.time()
         for _ in range(2):
             result = run_backup(tmp_path, host.settings(backups, **settings))
@@ -2528,14 +2528,14 @@ class TestRunRecords:
         assert os.listdir(str(metrics.parent)) == [metrics.name]
 
     def test_a_frozen_pass_is_timed(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path, MOUNTPOINT=str(tmp_path))
+        host, backups, metrics, settings = self.prepare(tmp_path, MOUNTPOINT=str(tmp_path))
         result = run_backup(tmp_path, host.settings(backups, **settings))
         assert result.returncode == 0, result.stderr.decode()
         record, = self.records(backups)
         assert 0 < record["frozen_seconds"] < record["seconds"]
 
     def test_a_failed_run_keeps_the_last_success(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path)
+        host, backups, metrics, settings = self.prepare(tmp_path)
         assert run_backup(tmp_path, host.settings(backups, **settings)).returncode == 0
         success = parse_metrics(read(metrics).decode())["era_backup_last_success_timestamp_seconds"]
         host.used = 2000
@@ -2552,7 +2552,7 @@ class TestRunRecords:
         assert samples["era_backup_metadata_used_ratio"][1] == pytest.approx(2000 / 2048, abs=1e-4)
 
     def test_no_success_yet_is_zero(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path, SSH="false")
+        host, backups, metrics, settings = self.prepare(tmp_path, SSH="false")
         result = run_backup(tmp_path, host.settings(backups, **settings))
         assert result.returncode == 1
         record, = self.records(backups)
@@ -2562,7 +2562,7 @@ class TestRunRecords:
         assert "era_backup_metadata_used_ratio" not in samples       # never looked
 
     def test_a_run_that_finds_another_running(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path)
+        host, backups, metrics, settings = self.prepare(tmp_path)
         with open(str(backups / "data_era.img.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             result = run_backup(tmp_path, host.settings(backups, **settings))
@@ -2572,7 +2572,7 @@ class TestRunRecords:
         assert host.logged() == ""
 
     def test_a_repair_exits_3_and_says_so(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path, VERIFY="ALWAYS")
+        host, backups, metrics, settings = self.prepare(tmp_path, VERIFY="ALWAYS")
         assert run_backup(tmp_path, host.settings(backups, **settings)).returncode == 0
         mirror = str(backups / "data_era.img")
         with open(mirror, "r+b") as f:                # rot on the backup disk
@@ -2592,7 +2592,7 @@ class TestRunRecords:
 
     def test_a_run_stopped_by_sigterm(self, tmp_path):
         # A slow full copy (64K a second), its process group stopped as systemd stops a unit.
-        host, backups, metrics, settings = self.setup(tmp_path, RATE_LIMIT="64K")
+        host, backups, metrics, settings = self.prepare(tmp_path, RATE_LIMIT="64K")
         path = write(tmp_path / "settings", host.settings(backups, **settings).encode())
         proc = subprocess.Popen(["bash", BACKUP, path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
@@ -2611,7 +2611,7 @@ class TestRunRecords:
     def test_sigkill_never_leaves_a_half_written_metrics_file(self, tmp_path):
         # SIGKILL at random moments of runs: the file is always a whole one (the last run's or
         # the one before), and a temporary file left behind is swept by the next run.
-        host, backups, metrics, settings = self.setup(tmp_path)
+        host, backups, metrics, settings = self.prepare(tmp_path)
         path = write(tmp_path / "settings", host.settings(backups, **settings).encode())
         assert subprocess.run(["bash", BACKUP, path], stderr=subprocess.PIPE, timeout=120).returncode == 0
         started = time.time()
@@ -2654,13 +2654,13 @@ class TestRunRecords:
         assert os.listdir(str(metrics.parent)) == [metrics.name]
 
     def test_metrics_in_a_missing_directory_is_a_setting_error(self, tmp_path):
-        host, backups, _, _ = self.setup(tmp_path)
+        host, backups, _, _ = self.prepare(tmp_path)
         result = run_backup(tmp_path, host.settings(backups, METRICS=str(tmp_path / "no" / "m.prom")))
         assert result.returncode == 1 and b"no such directory" in result.stderr
         assert host.logged() == ""
 
     def test_a_source_id_with_quotes_is_escaped(self, tmp_path):
-        host, backups, metrics, settings = self.setup(tmp_path, SOURCE_ID='a "b" \\c')
+        host, backups, metrics, settings = self.prepare(tmp_path, SOURCE_ID='a "b" \\c')
         result = run_backup(tmp_path, host.settings(backups, **settings))
         assert result.returncode == 0, result.stderr.decode()
         samples = parse_metrics(read(metrics).decode())
