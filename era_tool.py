@@ -1381,7 +1381,15 @@ def guard_era_host(metadata, force):
     problem = kernel_problem(os.uname().release)
     if problem is not None and os.environ.get("ALLOW_OLD_KERNEL") != "1":
         problems.append(problem)
-    for name in era_targets_on(metadata):
+    try:
+        names = era_targets_on(metadata)
+    except EraError as exc:
+        # A rescue host without device-mapper, or without dmsetup, reading a metadata
+        # partition: the list can still be read; only its fill goes unchecked.
+        warn("cannot see which era device uses %s, so its fill is not checked: %s"
+             % (shown(metadata), exc))
+        names = []
+    for name in names:
         used, total = metadata_usage(name)
         percent = used * 100 // total
         if used * 100 <= METADATA_WARN * total:
