@@ -10,14 +10,15 @@
 #   SSH              command that runs a remote shell command as `$SSH $HOST 'command'` (default: ssh)
 #   ERA_DEVICE       dm name of the era device on HOST (required)
 #   DATA_DEVICE      device to copy (default: /dev/mapper/$ERA_DEVICE)
-#   METADATA_DEVICE  dm-era metadata device on HOST (required)
+#   METADATA_DEVICE  dm-era metadata device on HOST (required, but with REMOTE=restricted)
 #   GRANULARITY      era block size in sectors (default: read from `dmsetup table` on HOST)
 #   MOUNTPOINT       filesystem on the era device to freeze for the last pass (empty: no freeze)
 #   FREEZE_LIMIT     freeze only once a pass would copy at most this many bytes (default: 268435456)
 #   FREEZE_TIMEOUT   seconds after which HOST thaws MOUNTPOINT by itself, whatever happens (default: 120)
 #   DIR, FILE        the mirror is $DIR/$FILE (DIR required; FILE default: $ERA_DEVICE.img)
 #   SOURCE_ID        names the source in streams and state (default: $HOST:$ERA_DEVICE)
-#   TOOL             era_tool.py on this host (default: beside backup.sh); it is sent to HOST each run
+#   TOOL             era_tool.py on this host (default: beside backup.sh); it is sent to HOST each run (but with
+#                    REMOTE=restricted)
 #   MAX_PASSES       passes before giving up on getting under FREEZE_LIMIT (default: 5)
 #   COMPRESS         gzip, zstd, lz4, xz or none (default: gzip)
 #   KEEP_UNDO        keep undo files of the last N passes beside the mirror, dated (default: 0, none); with
@@ -34,6 +35,11 @@
 #   ALLOW_OLD_KERNEL 1: go on when HOST runs a kernel older than 5.12 (its dm-era can lose tracked writes after a
 #                    crash), for a kernel known to carry the fixes (default: 0, refuse)
 #   METRICS          a node_exporter textfile to write after each run, atomically (default: none)
+#   REMOTE           send: era_tool.py is sent to HOST and run by a shell there (the default); restricted: HOST's
+#                    authorized_keys runs `era_tool.py ssh-gate CONFIG` for this host's key, and backup.sh
+#                    sends it requests only: no code, no shell. HOST's CONFIG names the devices and mount
+#                    point (DATA_DEVICE, METADATA_DEVICE and GRANULARITY here are not used); MOUNTPOINT and
+#                    FREEZE_TIMEOUT here must agree with it
 #
 # HOST needs python3 and dmsetup, and with MOUNTPOINT fsfreeze and flock: era_tool reads the dm-era metadata
 # itself. With MOUNTPOINT, /run/era_tool-backup.DEV on HOST (DEV: the filesystem's device number) records whose
@@ -56,7 +62,7 @@ die() { log "error: $*"; run_message="error: $*"; exit 1; }
 
 settings="HOST SSH ERA_DEVICE DATA_DEVICE METADATA_DEVICE GRANULARITY MOUNTPOINT FREEZE_LIMIT FREEZE_TIMEOUT
 DIR FILE SOURCE_ID TOOL MAX_PASSES COMPRESS KEEP_UNDO VERIFY VERIFY_SLICE RATE_LIMIT IONICE NICE
-ALLOW_OLD_KERNEL METRICS"
+ALLOW_OLD_KERNEL METRICS REMOTE"
 
 load_settings() {
     local line key value lineno=0
@@ -80,8 +86,14 @@ case $# in
     *) echo "usage: backup.sh [SETTINGS_FILE]" >&2; exit 2 ;;
 esac
 
-: "${HOST:?HOST is not set}" "${ERA_DEVICE:?ERA_DEVICE is not set}"
-: "${METADATA_DEVICE:?METADATA_DEVICE is not set}" "${DIR:?DIR is not set}"
+: "${HOST:?HOST is not set}" "${ERA_DEVICE:?ERA_DEVICE is not set}" "${DIR:?DIR is not set}"
+REMOTE=${REMOTE:-send}
+case $REMOTE in
+    send) : "${METADATA_DEVICE:?METADATA_DEVICE is not set}" ;;
+    # HOST's ssh-gate config names the metadata device.
+    restricted) METADATA_DEVICE=${METADATA_DEVICE:-} ;;
+    *) die "REMOTE must be send or restricted, not '$REMOTE'" ;;
+esac
 SSH=${SSH:-ssh}
 DATA_DEVICE=${DATA_DEVICE:-/dev/mapper/$ERA_DEVICE}
 GRANULARITY=${GRANULARITY:-}
@@ -210,9 +222,16 @@ remote() {
     "${ssh_command[@]}" "$HOST" "$(remote_prelude; cat)" < <(cat "$TOOL" ${1:+"$1"})
 }
 
+# REMOTE=restricted: one request to HOST's ssh-gate, its words quoted with q(), for the era device; the gate does
+# what the remote scripts below do, the same way.
+gate() {
+    "${ssh_command[@]}" "$HOST" "era_tool $* $(q "$ERA_DEVICE")"
+}
+
 # Prints "ERA BYTES": take a snapshot and estimate the changes since era $1. The list comes from the
 # snapshot itself (era_tool reads the metadata; era_invalidate 0.9 would read the live roots).
 remote_estimate() {
+    if [ "$REMOTE" = restricted ]; then gate estimate --since "$(q "$1")" "$allow_old" < /dev/null; return; fi
     remote <<EOF
 snapshot
 bytes=\$(python3 "\$d/era_tool.py" copy --metadata "\$META" --since $(q "$1") "\$G" | awk '{ print \$1 }')
@@ -224,6 +243,19 @@ EOF
 # resume, of the token $2 (of a full copy if $3 is full).
 remote_copy() {
     local kind=$1 since=${2:-} whole=${3:-}
+    if [ "$REMOTE" = restricted ]; then
+        local words
+        words="copy --source-id $(q "$SOURCE_ID") --compress $COMPRESS $allow_old"
+        case $kind in
+            full) words+=" --full $gate_gently" ;;
+            resume) words+=" --resume $(q "$since") $([ "$whole" = full ] && echo --full) $gate_gently" ;;
+            incremental) words+=" --since $(q "$since") $gate_gently" ;;
+            # The final pass under fsfreeze at full speed: every writer of the filesystem waits for it.
+            frozen) words+=" --since $(q "$since") --freeze $(q "$MOUNTPOINT") --freeze-timeout $(q "$FREEZE_TIMEOUT")" ;;
+        esac
+        gate "$words" < /dev/null
+        return
+    fi
     remote <<EOF
 freeze=$(q "$([ "$kind" = frozen ] && echo 1 || echo 0)")
 if [ "\$freeze" = 1 ]; then
@@ -505,10 +537,15 @@ fi
 
 # One look at HOST before anything is copied: its kernel, how full the era device's metadata is, and whether it has
 # ionice and nice (one line for what it lacks).
-# shellcheck disable=SC2016 # expanded on HOST
-probe=$("${ssh_command[@]}" "$HOST" 'uname -r; dmsetup status '"$(q "$ERA_DEVICE")"' 2>&1 | head -n 1
+if [ "$REMOTE" = restricted ]; then
+    probe=$(gate status </dev/null) ||
+        die "cannot reach $HOST, or its ssh-gate refused (the line above says which; REMOTE=restricted needs era_tool.py ssh-gate as the forced command of this host's key there)"
+else
+    # shellcheck disable=SC2016 # expanded on HOST
+    probe=$("${ssh_command[@]}" "$HOST" 'uname -r; dmsetup status '"$(q "$ERA_DEVICE")"' 2>&1 | head -n 1
 for c in ionice nice; do command -v "$c" >/dev/null 2>&1 && echo "$c"; done; true' </dev/null) ||
-    die "cannot reach $HOST (ssh failed)"
+        die "cannot reach $HOST (ssh failed)"
+fi
 kernel=$(sed -n 1p <<< "$probe")
 status=$(sed -n 2p <<< "$probe")
 have=$(sed -n '3,$p' <<< "$probe")
@@ -531,11 +568,16 @@ elif [ $((used * 100)) -gt $((total * 80)) ]; then
     log "warning: the metadata of $HOST:$ERA_DEVICE is $metadata_percent% full ($used of $total blocks): when it fills, the kernel fails the writes to the data device"
 fi
 gently=
+# REMOTE=restricted: the same as request options, and ALLOW_OLD_KERNEL=1 as one too.
+gate_gently=${RATE_LIMIT:+--rate-limit $RATE_LIMIT}
+allow_old=
+[ "$ALLOW_OLD_KERNEL" = 0 ] || allow_old=--allow-old-kernel
 for tool in "ionice IONICE $IONICE" "nice NICE -n $NICE"; do
     read -r tool setting options <<< "$tool"
     [ -n "${!setting}" ] || continue
     if [[ $'\n'$have$'\n' == *$'\n'$tool$'\n'* ]]; then
         gently+="$tool $options "
+        gate_gently+=" --$tool=$(q "${!setting}")"
     else
         log "$HOST has no $tool: $setting skipped"
     fi
@@ -588,6 +630,10 @@ log "$run_message"
 # Writes the sum stream of blocks $2 to $3 (end excluded) with key $4; the changes since era $1 (the mirror's)
 # are listed in it. sum takes the metadata snapshots itself, one before and one after its read.
 remote_sum() {
+    if [ "$REMOTE" = restricted ]; then
+        gate sum --key "$(q "$4")" --since "$(q "$1")" --range "$(q "$2:$3")" "$gate_gently" < /dev/null
+        return
+    fi
     remote <<EOF
 \$GENTLY python3 "\$d/era_tool.py" sum \$LIMIT --key $(q "$4") --metadata "\$META" --since $(q "$1") --range $(q "$2:$3") "\$G" "\$DATA"
 EOF
@@ -595,6 +641,10 @@ EOF
 
 # Writes a repair stream of the blocks listed in the XML file $2, for the mirror at era $1.
 remote_repair() {
+    if [ "$REMOTE" = restricted ]; then
+        gate repair --era "$(q "$1")" --source-id "$(q "$SOURCE_ID")" --compress "$COMPRESS" "$gate_gently" < "$2"
+        return
+    fi
     remote "$2" <<EOF
 exec 3>&1
 status=\$( { { rc=0; \$GENTLY python3 "\$d/era_tool.py" copy --repair \$LIMIT --era $(q "$1") --source-id $(q "$SOURCE_ID") "\$G" "\$DATA" || rc=\$?; echo "\$rc" >&4; } | $pack >&3; } 4>&1 )

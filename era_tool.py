@@ -32,6 +32,9 @@ Usage examples::
     # prove the mirror equal to its source: only digests cross; repair what differs
     ssh host python3 era_tool.py sum --key $KEY 1024 /dev/mapper/root_era \\
         | python3 era_tool.py verify --key $KEY /backup/root.img > diverged.xml
+    # the data host's forced command for the backup key (authorized_keys):
+    # only backup.sh's requests, for the era devices its configs name
+    restrict,command="python3 /usr/local/sbin/era_tool.py ssh-gate /etc/era_tool/root.conf" ssh-ed25519 ...
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error,
 3 verify found blocks that diverged, 130 interrupted (SIGINT, SIGTERM, SIGHUP).
@@ -136,6 +139,9 @@ The parts of this file, in order (each a section headed by a comment box):
     Engines                     RateLimit, read_ahead() and copy_device() for copy;
                                 write_chunks(), apply_stream() and
                                 roll_back() for apply and rollback
+    Data host gate              ssh-gate: GateConfig, the requests it takes
+                                (gate_request()), Gate: each one run as
+                                backup.sh's remote shell runs it
     Command line (shared)       help formatting, argument types, --version
     Commands                    per command: its parser part (add_*_parser),
                                 its cross-checks, its cmd_* screen
@@ -174,6 +180,7 @@ __all__ = [
     "Input", "StreamReader", "LegacyReader",
     "MirrorState", "UndoLog", "UndoFile", "Version", "Versions", "VersionImage", "NbdServer",
     "RateLimit", "read_ahead", "copy_device", "write_chunks", "apply_stream", "roll_back",
+    "GateRefused", "GateConfig", "gate_request", "Gate",
     "build_parser", "main",
 ]
 
@@ -387,6 +394,10 @@ class ChainError(EraError):
 
 class Interrupted(EraError):
     """SIGINT, SIGTERM or SIGHUP: exit status 130, with what was done about it."""
+
+
+class GateRefused(EraError):
+    """A request the data host's gate (ssh-gate) does not take."""
 
 
 # ---------------------------------------------------------------------------
@@ -1357,14 +1368,16 @@ def era_targets_on(metadata):
     return names
 
 
-def metadata_usage(name):
-    """(used, total) 4 KiB blocks of the era device `name`'s metadata, from dmsetup status."""
+def era_status(name):
+    """(used, total, era) of the era device `name`, from dmsetup status: its metadata's
+    4 KiB blocks, and the era new writes land in."""
     fields = dmsetup("status", name).split()
     match = re.match(r"\A([0-9]+)/([0-9]+)\Z", fields[4]) if len(fields) >= 6 else None
-    if match is None or fields[2] != "era" or not int(match.group(2)):
+    if match is None or fields[2] != "era" or not int(match.group(2)) or \
+            not fields[5].isdigit() or not _isascii(fields[5]):
         raise EraError("dmsetup status %s is not an era target's: %s"
                        % (shown(name), shown(" ".join(fields)[:80])))
-    return int(match.group(1)), int(match.group(2))
+    return int(match.group(1)), int(match.group(2)), int(fields[5])
 
 
 def guard_era_host(metadata, force):
@@ -1390,7 +1403,7 @@ def guard_era_host(metadata, force):
              % (shown(metadata), exc))
         names = []
     for name in names:
-        used, total = metadata_usage(name)
+        used, total, _ = era_status(name)
         percent = used * 100 // total
         if used * 100 <= METADATA_WARN * total:
             continue
@@ -5221,6 +5234,610 @@ def roll_back(undo_file, destination, state=None, force=False):
 
 
 # ---------------------------------------------------------------------------
+# Data host gate: what a backup host's ssh key may ask for
+# ---------------------------------------------------------------------------
+
+# ssh-gate is the forced command of the backup host's key in the data host's
+# authorized_keys: sshd runs it whatever the client asked for, and puts what was
+# asked for in SSH_ORIGINAL_COMMAND.  The gate splits that into words (no shell
+# ever sees it), takes only the requests backup.sh makes (REMOTE=restricted),
+# for the era devices and mount points its config files name, and runs each
+# as backup.sh's remote shell does: the same era_tool commands, the metadata
+# snapshot, and the freeze with its thaw timer and record.  A stolen key can
+# then read the configured devices, and nothing else: no shell, no other
+# device, no write, no freeze longer than the config allows.
+
+GATE_SETTINGS = ("ERA_DEVICE", "METADATA_DEVICE", "DATA_DEVICE", "MOUNTPOINT", "GRANULARITY",
+                 "FREEZE_TIMEOUT")
+GATE_MAX_CONFIG = 1 << 16         # bytes: a config is a few lines
+GATE_MAX_REQUEST = 4096           # bytes of a request: backup.sh's longest is a few hundred
+GATE_LOCK_WAIT = 10               # seconds a request waits for the one before it to end
+GATE_FREEZE_TIMEOUT = 120         # seconds, where the config does not say
+GATE_MAX_FREEZE = 3600            # a config's FREEZE_TIMEOUT: an hour frozen is an outage
+GATE_LOCK = "/run/era_tool-gate.%s.lock"      # one request at a time per era device
+FREEZE_RECORD = "/run/era_tool-backup.%d"     # backup.sh's: whose freeze of st_dev %d is on
+DM_NAME = re.compile(r"\A[A-Za-z0-9_.+-]{1,127}\Z")   # what a config's ERA_DEVICE may be
+COMPRESSORS = {"gzip": ("gzip", "-1"), "zstd": ("zstd", "-1", "-q"),
+               "lz4": ("lz4", "-1", "-q"), "xz": ("xz", "-1"), "none": ()}
+IONICE_OPTIONS = re.compile(r"\A-c ?[1-3](?: -n ?[0-7])?\Z")   # backup.sh's IONICE
+
+
+class GateConfig:
+    """One era device the gate serves: a config file of KEY=value lines, checked.
+
+    The lines are those of backup.sh's settings file: # comments, optional
+    quotes around a value; a key it does not know is an error, not ignored.
+    """
+
+    def __init__(self, path, values):
+        def fail(text):
+            return EraError("config %s: %s" % (shown(path), text))
+
+        self.path = path
+        for key in ("ERA_DEVICE", "METADATA_DEVICE"):
+            if not values.get(key):
+                raise fail("%s is not set" % key)
+        self.era_device = values["ERA_DEVICE"]
+        if not DM_NAME.match(self.era_device):
+            raise fail("ERA_DEVICE %s is not a device-mapper name (letters, digits, _ . + -)"
+                       % shown(self.era_device[:80]))
+        self.metadata_device = values["METADATA_DEVICE"]
+        self.data_device = values.get("DATA_DEVICE") or "/dev/mapper/" + self.era_device
+        self.mountpoint = values.get("MOUNTPOINT") or None
+        for key, path_ in (("METADATA_DEVICE", self.metadata_device),
+                           ("DATA_DEVICE", self.data_device), ("MOUNTPOINT", self.mountpoint)):
+            if path_ is not None and not path_.startswith("/"):
+                raise fail("%s must be an absolute path, not %s" % (key, shown(path_[:80])))
+        self.granularity = None
+        if values.get("GRANULARITY"):
+            try:
+                self.granularity = _block_size(values["GRANULARITY"])
+            except argparse.ArgumentTypeError as exc:
+                raise fail("GRANULARITY %s" % exc) from None
+        timeout = values.get("FREEZE_TIMEOUT") or str(GATE_FREEZE_TIMEOUT)
+        if not (timeout.isdigit() and _isascii(timeout) and 0 < int(timeout) <= GATE_MAX_FREEZE):
+            raise fail("FREEZE_TIMEOUT must be 1 to %d seconds, not %s"
+                       % (GATE_MAX_FREEZE, shown(timeout[:20])))
+        self.freeze_timeout = int(timeout)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, "rb") as f:
+                info = os.fstat(f.fileno())
+                data = f.read(GATE_MAX_CONFIG + 1)
+        except OSError as exc:
+            raise EraError("cannot read the config %s: %s"
+                           % (shown(path), exc.strerror or exc)) from None
+        # As sshd's StrictModes: whoever may change the config may point the key elsewhere.
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+            raise EraError("config %s may be changed by others (owner uid %d, mode %o): make it "
+                           "root's and not writable by group or others (chmod go-w)"
+                           % (shown(path), info.st_uid, stat.S_IMODE(info.st_mode)))
+        if len(data) > GATE_MAX_CONFIG:
+            raise EraError("config %s: longer than %d bytes" % (shown(path), GATE_MAX_CONFIG))
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EraError("config %s is not UTF-8 text" % shown(path)) from None
+        values = {}
+        for number, line in enumerate(text.split("\n"), 1):
+            line = line.rstrip("\r")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            match = re.match(r"\A\s*([A-Z_]+)=(.*)\Z", line)
+            if match is None:
+                raise EraError("config %s line %d: not KEY=value: %s"
+                               % (shown(path), number, shown(line[:80])))
+            key, value = match.groups()
+            if key not in GATE_SETTINGS:
+                raise EraError("config %s line %d: unknown setting %s (known: %s)"
+                               % (shown(path), number, key, ", ".join(GATE_SETTINGS)))
+            if key in values:
+                raise EraError("config %s line %d: %s is set twice" % (shown(path), number, key))
+            quoted = re.match(r"\A\"(.*)\"\Z|\A'(.*)'\Z", value)
+            if quoted:
+                value = quoted.group(1) if quoted.group(1) is not None else quoted.group(2)
+            values[key] = value
+        return cls(path, values)
+
+
+class _GateParser(argparse.ArgumentParser):
+    """A request's words: a bad one is refused with one line, never a usage exit."""
+
+    def error(self, message):
+        raise GateRefused(message)
+
+    def exit(self, status=0, message=None):
+        raise GateRefused((message or "not a request").strip())
+
+
+def _ionice(text):
+    if not IONICE_OPTIONS.match(text):
+        raise argparse.ArgumentTypeError("%r is not ionice's class options (e.g. -c3, or -c2 -n7)"
+                                         % text[:40])
+    return text.split()
+
+
+def _niceness(text):
+    if not (text.isdigit() and _isascii(text) and int(text) <= 19):
+        raise argparse.ArgumentTypeError("%r is not a niceness of 0 to 19" % text[:40])
+    return int(text)
+
+
+def _seconds(text):
+    if not (text.isdigit() and _isascii(text) and 0 < int(text) <= GATE_MAX_FREEZE):
+        raise argparse.ArgumentTypeError("%r is not 1 to %d seconds" % (text[:40], GATE_MAX_FREEZE))
+    return int(text)
+
+
+def _token(text):
+    try:
+        ResumeToken.decode(text)
+    except EraError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_gate_parser():
+    """The requests the gate takes: exactly those backup.sh makes with REMOTE=restricted.
+
+    No request names a path: the devices, the metadata and the mount point are
+    the config's (--freeze names the mount point only to be checked against it).
+    """
+    parser = _GateParser(prog="era_tool", add_help=False, allow_abbrev=False)
+    requests = parser.add_subparsers(dest="request", metavar="REQUEST")
+    requests.required = True
+
+    def request(name):
+        part = requests.add_parser(name, add_help=False, allow_abbrev=False)
+        part.add_argument("era_device", metavar="ERA_DEVICE")
+        return part
+
+    def gently(part):
+        part.add_argument("--rate-limit", type=_rate)
+        part.add_argument("--ionice", type=_ionice)
+        part.add_argument("--nice", type=_niceness)
+
+    request("status")
+    estimate = request("estimate")
+    estimate.add_argument("--since", type=_era, required=True)
+    estimate.add_argument("--allow-old-kernel", action="store_true")
+    copy = request("copy")
+    copy.add_argument("--full", action="store_true")
+    copy.add_argument("--since", type=_era)
+    copy.add_argument("--resume", type=_token)
+    copy.add_argument("--source-id", type=_source_id, required=True)
+    copy.add_argument("--compress", choices=sorted(COMPRESSORS), default="none")
+    copy.add_argument("--freeze", metavar="MOUNTPOINT")
+    copy.add_argument("--freeze-timeout", type=_seconds)
+    copy.add_argument("--allow-old-kernel", action="store_true")
+    gently(copy)
+    sum_ = request("sum")
+    sum_.add_argument("--key", type=_key, required=True)
+    sum_.add_argument("--since", type=_era, required=True)
+    sum_.add_argument("--range", type=_block_range)
+    gently(sum_)
+    repair = request("repair")
+    repair.add_argument("--era", type=_era, required=True)
+    repair.add_argument("--source-id", type=_source_id, required=True)
+    repair.add_argument("--compress", choices=sorted(COMPRESSORS), default="none")
+    gently(repair)
+    return parser
+
+
+def gate_request(text, configs):
+    """(request, config) of SSH_ORIGINAL_COMMAND `text`, or GateRefused saying why not."""
+    import shlex
+    if text is None:
+        raise GateRefused("no command (an interactive login): this key takes only backup.sh's "
+                          "requests")
+    if len(text.encode("utf-8", "surrogateescape")) > GATE_MAX_REQUEST:
+        raise GateRefused("longer than %d bytes" % GATE_MAX_REQUEST)
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise GateRefused("not words: %s" % exc) from None
+    if not words or words[0] != "era_tool":
+        raise GateRefused("only era_tool requests are taken, not %s"
+                          % shown((words or [""])[0][:80] or "an empty command"))
+    request = build_gate_parser().parse_args(words[1:])
+    found = [config for config in configs if config.era_device == request.era_device]
+    if not found:
+        raise GateRefused("%s is not an era device of this gate (its configs name %s)"
+                          % (shown(request.era_device[:80]),
+                             ", ".join(config.era_device for config in configs)))
+    config = found[0]
+    if request.request == "copy":
+        kinds = [name for name, given in (("--full", request.full and not request.resume),
+                                          ("--since", request.since is not None),
+                                          ("--resume", request.resume is not None)) if given]
+        if len(kinds) != 1:
+            raise GateRefused("copy takes one of --full, --since ERA and --resume TOKEN "
+                              "(with --full for a first full copy)")
+        if request.freeze is not None:
+            if config.mountpoint is None or \
+                    os.path.realpath(request.freeze) != os.path.realpath(config.mountpoint):
+                raise GateRefused("--freeze %s: the config of %s names %s as the mount point "
+                                  "to freeze" % (shown(request.freeze[:80]), config.era_device,
+                                                 shown(config.mountpoint or "none")))
+            if request.since is None:
+                raise GateRefused("--freeze goes with --since: the final pass")
+            if request.rate_limit or request.ionice or request.nice is not None:
+                raise GateRefused("--freeze takes no --rate-limit, --ionice or --nice: the pass "
+                                  "under fsfreeze runs at full speed (the writers wait for it)")
+            if (request.freeze_timeout or 0) > config.freeze_timeout:
+                raise GateRefused("--freeze-timeout %d: the config of %s allows %d s at most"
+                                  % (request.freeze_timeout, config.era_device,
+                                     config.freeze_timeout))
+        elif request.freeze_timeout is not None:
+            raise GateRefused("--freeze-timeout goes with --freeze")
+    return request, config
+
+
+class GateLog:
+    """Where the gate says what it was asked and what came of it.
+
+    syslog's auth facility (as sshd's own lines), or FILE (--log), or standard
+    error where there is no syslog (/dev/log).  A line that cannot be written
+    to FILE fails the request: nothing is done unlogged.
+    """
+
+    def __init__(self, path=None):
+        self.path = path
+        self.syslog = None
+        if path is None and os.path.exists("/dev/log"):
+            import syslog
+            syslog.openlog("era_tool-gate", syslog.LOG_PID, syslog.LOG_AUTH)
+            self.syslog = syslog
+
+    def __call__(self, line, warning=False):
+        """Log `line`; a warning (a refusal, a failure) is the request's error line too,
+        which on standard error says it once."""
+        line = shown(line)
+        if self.syslog is not None:
+            self.syslog.syslog(self.syslog.LOG_WARNING if warning else self.syslog.LOG_INFO, line)
+        elif self.path is not None:
+            text = "%s era_tool-gate[%d]: %s\n" % (
+                time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getpid(), line)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                             | getattr(os, "O_CLOEXEC", 0), 0o640)
+                try:
+                    write_all(fd, text.encode("utf-8", "backslashreplace"))
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise EraError("cannot write the log %s: %s"
+                               % (shown(self.path), exc.strerror or exc)) from None
+        elif not warning:
+            err("era_tool: ssh-gate: " + line)
+
+
+def _locked(path):
+    """A descriptor of `path` (made if need be), held under flock until closed."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _hold_gate_lock(name):
+    """One request at a time per era device: the snapshot of one is not the other's to drop."""
+    import fcntl
+    path = GATE_LOCK % name
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise EraError("cannot open %s: %s" % (path, exc.strerror or exc)) from None
+    deadline = time.monotonic() + GATE_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise EraError("another request for %s is still running (a backup from another "
+                               "host, or one whose connection dropped): try again later" % name)
+            time.sleep(0.1)
+
+
+def _thaw_timer(mountpoint, record, seconds):
+    """Start the thaw timer of a freeze; its pid.
+
+    It thaws `mountpoint` after `seconds` whatever happens to the gate and its
+    connection, unless the record names another timer by then (the freeze is
+    a later run's).  In a session of its own, with no descriptor of the gate's:
+    sshd waits for none of them, and no lock is held by it.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        time.sleep(seconds)
+        fd = _locked(record)
+        if os.read(fd, 64).strip() == str(os.getpid()).encode():
+            _fsfreeze("-u", mountpoint, check=False)
+            os.ftruncate(fd, 0)
+    finally:
+        os._exit(0)
+
+
+def _fsfreeze(option, mountpoint, check=True):
+    import subprocess
+    try:
+        result = subprocess.run(["fsfreeze", option, mountpoint], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise EraError("cannot run fsfreeze: %s" % (exc.strerror or exc)) from None
+    if check and result.returncode:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise EraError("fsfreeze %s %s failed: %s" % (option, shown(mountpoint), shown(
+            lines[-1] if lines else "exit status %d" % result.returncode)))
+    return result.returncode
+
+
+class Gate:
+    """One request, run on the data host as backup.sh's remote shell runs it."""
+
+    def __init__(self, config, request):
+        self.config = config
+        self.request = request
+        self.snapshot = False
+        self.record = self.watchdog = None
+        self.frozen = False
+        self.env = dict(os.environ)
+        if getattr(request, "allow_old_kernel", False):
+            # The operator's word that this kernel carries the dm-era fixes (backup.sh's
+            # ALLOW_OLD_KERNEL=1): copy --metadata takes it from the environment.
+            self.env["ALLOW_OLD_KERNEL"] = "1"
+
+    def run(self):
+        try:
+            status = getattr(self, "do_" + self.request.request)()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close()
+        return status
+
+    def close(self, failed=False):
+        """The cleanup of backup.sh's remote shell: thaw, stop the timer, drop the snapshot.
+
+        A snapshot that cannot be dropped fails the request, unless it failed already.
+        """
+        import signal
+        if self.frozen:
+            self.frozen = False
+            try:
+                self.thaw()
+            except EraError:
+                pass
+        if self.watchdog is not None:
+            # The process, then its group: before its setsid() it has none of its own.
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(self.watchdog, signal.SIGKILL)
+                except OSError:
+                    pass
+            os.waitpid(self.watchdog, 0)
+            self.watchdog = None
+        if self.snapshot:
+            self.snapshot = False
+            try:
+                dm_message(self.config.era_device, "drop_metadata_snap")
+            except EraError:
+                if not failed:
+                    raise
+
+    # -- the parts of a request
+
+    def granularity(self):
+        if self.config.granularity is not None:
+            return self.config.granularity
+        fields = dmsetup("table", self.config.era_device).split()
+        try:
+            return _block_size(fields[-1])
+        except (IndexError, argparse.ArgumentTypeError):
+            raise EraError("cannot read the block size of %s from dmsetup table: %s"
+                           % (self.config.era_device, shown(" ".join(fields)[:80]))) from None
+
+    def take_snapshot(self):
+        """A fresh metadata snapshot; the era new writes land in from now on."""
+        name = self.config.era_device
+        take_metadata_snapshot(name)
+        self.snapshot = True
+        used, total, era = era_status(name)
+        # A full metadata device fails the data writes: no pass (its snapshot pins
+        # more blocks) over METADATA_REFUSE.
+        if used * 100 > METADATA_REFUSE * total:
+            raise EraError("the metadata of %s is over %d%% full (%d/%d blocks): no pass started"
+                           % (name, METADATA_REFUSE, used, total))
+        return era
+
+    def freeze(self):
+        mountpoint = self.config.mountpoint
+        try:
+            device = os.stat(mountpoint).st_dev
+        except OSError as exc:
+            raise EraError("cannot freeze %s: %s" % (shown(mountpoint), exc.strerror)) from None
+        self.record = FREEZE_RECORD % device
+        self.watchdog = _thaw_timer(mountpoint, self.record,
+                                    self.request.freeze_timeout or self.config.freeze_timeout)
+        # Frozen before the freeze, so that the cleanup thaws whenever the record names
+        # our timer; the record names it before the freeze, so that the timer thaws even
+        # if the gate dies right after it.
+        self.frozen = True
+        fd = _locked(self.record)
+        try:
+            old = os.read(fd, 64)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % self.watchdog, 0)
+            try:
+                _fsfreeze("-f", mountpoint)
+            except EraError:
+                # MP still frozen by a run that died, say: the record goes back to its timer.
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, old, 0)
+                raise
+        finally:
+            os.close(fd)
+
+    def thaw(self):
+        """0: thawed; 2: not ours (our timer thawed it); else: fsfreeze -u failed."""
+        fd = _locked(self.record)
+        try:
+            if os.read(fd, 64).strip() != str(self.watchdog).encode():
+                return 2
+            status = _fsfreeze("-u", self.config.mountpoint, check=False)
+            os.ftruncate(fd, 0)
+            return status
+        finally:
+            os.close(fd)
+
+    def tool(self, *words, stdin=None, compress="none", capture=False):
+        """era_tool WORDS (under the request's ionice and nice, with its --rate-limit), into
+        standard output through the compressor, or captured; raise if any part fails.
+
+        Values go as --option=VALUE: a source id that starts with a dash stays a value.
+        """
+        import subprocess
+        request = self.request
+        prefix, words = [], list(words)
+        if getattr(request, "rate_limit", None):
+            words[1:1] = ["--rate-limit=%d" % request.rate_limit]
+        if getattr(request, "ionice", None):
+            prefix += ["ionice"] + request.ionice
+        if getattr(request, "nice", None) is not None:
+            prefix += ["nice", "-n", str(request.nice)]
+        argv = prefix + [sys.executable, os.path.abspath(__file__)] + words
+        compressor = list(COMPRESSORS[compress])
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        parts = []
+        try:
+            for part_argv in ([argv, compressor] if compressor else [argv]):
+                first = not parts
+                try:
+                    parts.append(subprocess.Popen(
+                        part_argv, env=self.env,
+                        stdin=(stdin if stdin is not None else subprocess.DEVNULL) if first
+                        else parts[0].stdout,
+                        stdout=subprocess.PIPE if first and (capture or compressor) else None))
+                except OSError as exc:
+                    raise EraError("cannot run %s: %s" % (part_argv[0], exc.strerror or exc)) \
+                        from None
+            if compressor:
+                parts[0].stdout.close()          # the compressor's now: it sees the end
+            output = parts[0].stdout.read() if capture else None
+            statuses = [part.wait() for part in parts]
+        finally:
+            for part in parts:
+                if part.poll() is None:
+                    part.kill()
+                    part.wait()
+                if part.stdout is not None:
+                    part.stdout.close()
+        for name, status in zip([words[0]] + compressor[:1], statuses):
+            if status:
+                raise EraError("%s failed (exit %d)" % (name, status))
+        return output
+
+    # -- the requests
+
+    def do_status(self):
+        """What backup.sh looks at first: the kernel, dmsetup status, ionice and nice."""
+        import shutil
+        try:
+            status = dmsetup("status", self.config.era_device).splitlines()[0]
+        except (EraError, IndexError) as exc:
+            status = str(exc) or "no status"
+        say(os.uname().release)
+        say(status)
+        for name in ("ionice", "nice"):
+            if shutil.which(name):
+                say(name)
+        return 0
+
+    def do_estimate(self):
+        era = self.take_snapshot()
+        config = self.config
+        output = self.tool("copy", "--metadata=" + config.metadata_device,
+                           "--since=%d" % self.request.since, str(self.granularity()),
+                           capture=True)
+        words = output.split()
+        if not words or not words[0].isdigit():
+            raise EraError("copy printed no estimate: %s" % shown(output[:80]))
+        say("%d %d" % (era, int(words[0])))
+        return 0
+
+    def do_copy(self):
+        request, config = self.request, self.config
+        granularity = str(self.granularity())
+        freeze = request.freeze is not None
+        if freeze:
+            self.freeze()
+        era = self.take_snapshot()
+        source = "--source-id=" + request.source_id
+        if request.resume is not None:
+            # The rest of the interrupted pass, and everything written since its snapshot.
+            words = ["copy", "--resume=" + request.resume] + ["--full"] * request.full + [
+                "--metadata=" + config.metadata_device, source]
+        elif request.full:
+            words = ["copy", "--full", "--era=%d" % era, source]
+        else:
+            words = ["copy", "--metadata=" + config.metadata_device,
+                     "--since=%d" % request.since, source]
+        # The final pass under fsfreeze has no --rate-limit, --ionice or --nice (gate_request
+        # refuses them): every writer of the filesystem waits for it.
+        self.tool(*(words + [granularity, config.data_device]), compress=request.compress)
+        if freeze:
+            self.frozen = False
+            thawed = self.thaw()
+            if thawed == 2:
+                raise EraError("the copy outlasted FREEZE_TIMEOUT (%d s): the filesystem was "
+                               "thawed during it" % (request.freeze_timeout
+                                                     or config.freeze_timeout))
+            if thawed:
+                raise EraError("%s was thawed during the copy, not by backup.sh"
+                               % shown(config.mountpoint))
+        return 0
+
+    def do_sum(self):
+        request, config = self.request, self.config
+        begin, end = request.range or (0, None)
+        # sum takes the metadata snapshots itself, before its read and after it.
+        self.tool("sum", "--key=" + request.key.hex(), "--metadata=" + config.metadata_device,
+                  "--since=%d" % request.since, "--range=%d:%s" % (begin, "" if end is None else end),
+                  str(self.granularity()), config.data_device)
+        return 0
+
+    def do_repair(self):
+        request, config = self.request, self.config
+        # The list of blocks to repair, verify's XML, arrives on standard input.
+        self.tool("copy", "--repair", "--era=%d" % request.era,
+                  "--source-id=" + request.source_id, str(self.granularity()),
+                  config.data_device, stdin=0 if sys.stdin is not None else None,
+                  compress=request.compress)
+        return 0
+
+
+# ---------------------------------------------------------------------------
 # Command line (shared): what every command's parser uses
 # ---------------------------------------------------------------------------
 
@@ -6522,6 +7139,82 @@ def cmd_serve(args):
     return 0
 
 
+SSH_GATE_EPILOG = """\
+the data host's authorized_keys, one line (the backup host's key, only these requests):
+  restrict,command="/usr/bin/python3 /usr/local/sbin/era_tool.py ssh-gate /etc/era_tool/data.conf" ssh-ed25519 AAAA... backup@backup1
+/etc/era_tool/data.conf (KEY=value lines, # comments):
+  ERA_DEVICE=data_era                 the era device's dm name (required)
+  METADATA_DEVICE=/dev/vg0/data_meta  its metadata device (required)
+  DATA_DEVICE=/dev/mapper/data_era    the device copied (default: /dev/mapper/ERA_DEVICE)
+  MOUNTPOINT=/srv/data                the filesystem the final pass may freeze (default: none)
+  FREEZE_TIMEOUT=120                  the longest freeze a request may ask for, seconds
+  GRANULARITY=128                     the era block size (default: from dmsetup table)
+requests (SSH_ORIGINAL_COMMAND; backup.sh's REMOTE=restricted sends them):
+  era_tool status ERA_DEVICE
+  era_tool estimate --since ERA [--allow-old-kernel] ERA_DEVICE
+  era_tool copy (--full | --since ERA | --resume TOKEN [--full]) --source-id ID
+      [--compress gzip|zstd|lz4|xz|none] [--freeze MOUNTPOINT [--freeze-timeout S]]
+      [--rate-limit RATE] [--ionice=-c3] [--nice N] [--allow-old-kernel] ERA_DEVICE
+  era_tool sum --key HEX --since ERA [--range BEGIN:END] [--rate-limit ...] ERA_DEVICE
+  era_tool repair --era ERA --source-id ID [--compress ...] ERA_DEVICE  (verify's XML on stdin)
+anything else is refused with one line (exit 1) and logged; so is a request for a device
+or mount point no config names
+"""
+
+
+def add_ssh_gate_parser(commands):
+    """The ssh-gate command's options."""
+    gate = commands.add_parser(
+        "ssh-gate", help="the data host's forced command: take only backup.sh's requests",
+        description="For command=\"...\" in the data host's authorized_keys: run the request "
+                    "in SSH_ORIGINAL_COMMAND if it is one of backup.sh's (REMOTE=restricted) "
+                    "for an era device a CONFIG names, the way backup.sh's remote shell would; "
+                    "refuse anything else. No shell runs and no code is taken from the "
+                    "backup host. Each request is logged.",
+        epilog=SSH_GATE_EPILOG, formatter_class=_RawHelpFormatter)
+    gate.add_argument("config", metavar="CONFIG", nargs="+",
+                      help="a config file per era device the key may read")
+    gate.add_argument("--log", metavar="FILE",
+                      help="append a line per request to FILE (default: syslog, the auth "
+                           "facility; standard error where there is no /dev/log)")
+    gate.set_defaults(func=cmd_ssh_gate)
+    return gate
+
+
+def cmd_ssh_gate(args):
+    log = GateLog(args.log)
+    text = os.environ.get("SSH_ORIGINAL_COMMAND")
+    client = (os.environ.get("SSH_CLIENT") or "").split()
+    said = "from %s: %s" % (client[0] if client else "?",
+                            "(no command)" if text is None else text[:300])
+    try:
+        configs = [GateConfig.load(path) for path in args.config]
+        names = [config.era_device for config in configs]
+        if len(set(names)) != len(names):
+            raise EraError("two configs name the same ERA_DEVICE: %s" % ", ".join(names))
+        request, config = gate_request(text, configs)
+    except GateRefused as exc:
+        log("refused %s: %s" % (said, exc), warning=True)
+        raise GateRefused("refused: %s" % exc) from None
+    except EraError as exc:
+        log("failed %s: %s" % (said, exc), warning=True)
+        raise
+    log("request %s" % said)
+    lock = _hold_gate_lock(config.era_device)
+    try:
+        status = Gate(config, request).run()
+    except KeyboardInterrupt:
+        log("stopped %s" % said, warning=True)
+        raise
+    except EraError as exc:
+        log("failed %s: %s" % (said, exc), warning=True)
+        raise
+    finally:
+        os.close(lock)
+    log("done %s" % said)
+    return status
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -6540,7 +7233,7 @@ def build_parser():
     commands.required = True
     for add in (add_copy_parser, add_apply_parser, add_blocks_parser, add_sum_parser,
                 add_verify_parser, add_rollback_parser, add_info_parser, add_versions_parser,
-                add_export_parser, add_serve_parser):
+                add_export_parser, add_serve_parser, add_ssh_gate_parser):
         add(commands)
     return parser
 

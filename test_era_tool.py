@@ -2120,8 +2120,11 @@ class FakeDataHost:
         os.chmod(self.ssh, 0o755)
 
     def script(self, name, body):
-        path = write(self.root / "bin" / name, ("#!/bin/sh\n%s\n" % body).encode())
-        os.chmod(path, 0o755)
+        path = self.root / "bin" / name
+        if os.path.lexists(str(path)):
+            os.unlink(str(path))          # a link to the real tool: never written through
+        write(path, ("#!/bin/sh\n%s\n" % body).encode())
+        os.chmod(str(path), 0o755)
 
     @property
     def kernel(self):
@@ -2469,6 +2472,325 @@ class TestBackupGuard:
         assert "error: data1: nosuch is not an era device: dmsetup status says: Device does not " \
             "exist." in err, err
         assert not mirror.exists() and "era_tool.py" not in host.logged()
+
+
+def session_processes(sid, marker):
+    """The pids of session `sid` whose command line holds `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == sid and marker in read("/proc/%s/cmdline" % pid):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+class GateHost:
+    """FakeDataHost behind ssh-gate: the stand-in ssh runs the gate as sshd runs a forced command.
+
+    Whatever the client asked for goes to the gate in SSH_ORIGINAL_COMMAND, and the stand-in
+    keeps a copy of each request and of everything that arrived on its standard input.
+    """
+
+    def __init__(self, tmp_path, missing=(), **config):
+        self.host = host = FakeDataHost(tmp_path, missing=missing)
+        self.requests = host.root / "requests"
+        self.stdin = host.root / "stdin"
+        self.log = host.root / "gate.log"
+        settings = dict(ERA_DEVICE="data_era", METADATA_DEVICE=str(host.meta),
+                        DATA_DEVICE=str(host.data))
+        settings.update(config)
+        self.config = write(host.root / "gate.conf", "".join(
+            "%s=%s\n" % item for item in settings.items() if item[1] is not None).encode())
+        self.ssh = write(host.root / "gate-ssh", textwrap.dedent("""\
+            #!/bin/sh
+            # ssh HOST COMMAND, as sshd runs a forced command: the command is only a variable,
+            # in an environment of sshd's making, not the client's.
+            shift
+            printf '%s\\n' "$1" >> {requests}
+            tee -a {stdin} | exec env -i PATH={bin} PYTHONPATH={site} SSH_ORIGINAL_COMMAND="$1" \\
+                SSH_CLIENT='192.0.2.7 50022 22' {bin}/python3 {tool} ssh-gate --log {log} {config}
+            """).format(requests=self.requests, stdin=self.stdin, bin=host.root / "bin",
+                        site=host.root / "site", tool=TOOL, log=self.log,
+                        config=self.config).encode())
+        os.chmod(str(self.ssh), 0o755)
+
+    def settings(self, backup_dir, **extra):
+        values = dict(SSH=self.ssh, REMOTE="restricted", METADATA_DEVICE="", DATA_DEVICE="")
+        values.update(extra)
+        return self.host.settings(backup_dir, **values)
+
+    def ask(self, command):
+        """One request, as `ssh HOST COMMAND` would make it; the CompletedProcess."""
+        return subprocess.run([str(self.ssh), "data1", command], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+    def asked(self):
+        return read(self.requests).decode().splitlines() if self.requests.exists() else []
+
+    def logged(self):
+        return read(self.log).decode().splitlines() if self.log.exists() else []
+
+
+class TestSshGate:
+    """backup.sh's REMOTE=restricted: the data host's ssh-gate takes its requests and no others."""
+
+    def test_backups_send_requests_only(self, tmp_path):
+        gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"))
+        host = gate.host
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        settings = gate.settings(backups, MOUNTPOINT=str(host.root), RATE_LIMIT="4M",
+                                 IONICE="-c3", NICE="10", VERIFY="ALWAYS", COMPRESS="gzip")
+        first = run_backup(tmp_path, settings)
+        assert first.returncode == 0, first.stderr.decode()
+        assert read(backups / "data_era.img") == read(host.data)
+        # Written behind dm-era's back (the fake metadata lists no change): the next run's
+        # verify finds it and repairs it, through the gate too.
+        data = bytearray(read(host.data))
+        data[70000:70100] = os.urandom(100)
+        write(host.data, bytes(data))
+        second = run_backup(tmp_path, settings)
+        err = second.stderr.decode()
+        assert second.returncode == 3, err
+        assert "1 blocks diverged" in err and "repaired 1 blocks" in err
+        assert read(backups / "data_era.img") == read(host.data)
+
+        asked = gate.asked()
+        kinds = [line.split()[1] for line in asked]
+        assert kinds == ["status", "copy", "estimate", "copy", "sum",
+                         "status", "estimate", "copy", "sum", "repair"], asked
+        assert all(line.startswith("era_tool ") and line.endswith(" 'data_era'")
+                   for line in asked), asked
+        # Nothing but the repair's block list went over standard input: no code.
+        assert read(gate.stdin).decode().startswith("<blocks>")
+        assert read(gate.stdin).count(b"<blocks>") == 1
+        # The gate ran the tool as backup.sh's remote shell does: gently but for the final
+        # pass under fsfreeze, which thawed.
+        calls = host.logged().splitlines()
+        tool_runs = [line for line in calls if "era_tool.py " in line and "ssh-gate" not in line]
+        niced = [line for line in tool_runs if line.startswith("ionice -c3 nice -n 10 ")]
+        assert [line.split("era_tool.py ")[1].split()[0] for line in niced] == \
+            ["copy", "sum", "sum", "copy"], tool_runs
+        assert all("--rate-limit=4194304" in line for line in niced), niced
+        assert [line.split()[1] for line in calls if line.startswith("fsfreeze ")] == \
+            ["-f", "-u", "-f", "-u"], calls
+        # Each request logged with where it came from, and how it ended.
+        log = gate.logged()
+        assert len(log) == 2 * len(asked), log
+        assert all("era_tool-gate[" in line and " from 192.0.2.7: era_tool " in line
+                   for line in log), log
+        assert [line.split("]: ")[1].split()[0] for line in log] == ["request", "done"] * 10
+
+    HOSTILE = [
+        ("era_tool copy --full --source-id x other_era", "other_era is not an era device of this "
+                                                          "gate (its configs name data_era)"),
+        ("sh", "only era_tool requests are taken, not sh"),
+        ("/bin/bash -c 'cat /etc/shadow'", "only era_tool requests are taken, not /bin/bash"),
+        ("era_tool status data_era; rm -rf /", "unrecognized arguments: rm -rf /"),
+        ("era_tool status data_era && touch /tmp/owned", "unrecognized arguments: && touch"),
+        ("era_tool status data_era $(reboot)", "unrecognized arguments: $(reboot)"),
+        ("era_tool copy --full --source-id x data_era /etc/shadow",
+         "unrecognized arguments: /etc/shadow"),
+        ("era_tool copy --since 5 --source-id x --metadata /dev/sda data_era",
+         "unrecognized arguments: --metadata"),
+        ("era_tool copy --full --source-id x -o /root/.ssh/authorized_keys data_era",
+         "unrecognized arguments: -o"),
+        ("era_tool apply /dev/mapper/data_era", "invalid choice: 'apply'"),
+        ("era_tool rollback /srv/undo /dev/mapper/data_era", "invalid choice: 'rollback'"),
+        ("scp -t /root/.ssh/authorized_keys", "only era_tool requests are taken, not scp"),
+        ("internal-sftp", "only era_tool requests are taken, not internal-sftp"),
+        ("era_tool copy --since 5 --source-id x --freeze / data_era",
+         "--freeze /: the config of data_era names %(mnt)s as the mount point to freeze"),
+        ("era_tool copy --since 5 --source-id x --freeze %(mnt)s --freeze-timeout 3000 data_era",
+         "--freeze-timeout 3000: the config of data_era allows 120 s at most"),
+        ("era_tool copy --since 5 --source-id x --freeze %(mnt)s --rate-limit 1M data_era",
+         "--freeze takes no --rate-limit"),
+        ("era_tool copy --since 5 --source-id x --nice -5 data_era", "'-5' is not a niceness"),
+        ("era_tool copy --since 5 --source-id x --ionice '-c3; reboot' data_era",
+         "is not ionice's class options"),
+        ("era_tool copy --full --since 5 --source-id x data_era", "copy takes one of --full"),
+        ("era_tool copy --full --source-id x --compress 'sh -c id' data_era",
+         "--compress: invalid choice"),
+        ("era_tool copy --resume nosuchtoken --source-id x data_era", "is not a resume token"),
+        ("era_tool sum --key 00 --since 1 data_era", "--key: '00' is not a key"),
+        ("era_tool status --help data_era", "unrecognized arguments: --help"),
+        ("era_tool sta data_era", "invalid choice: 'sta'"),
+        ("era_tool status 'data_era", "not words: No closing quotation"),
+        ("", "only era_tool requests are taken, not an empty command"),
+    ]
+
+    @pytest.mark.parametrize("command, reason", HOSTILE, ids=[c[:40] for c, _ in HOSTILE])
+    def test_hostile_requests_are_refused_and_logged(self, tmp_path, command, reason):
+        mnt = str(tmp_path / "host")
+        gate = GateHost(tmp_path, MOUNTPOINT=mnt)
+        command, reason = command % {"mnt": mnt}, reason % {"mnt": mnt}
+        result = gate.ask(command)
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert_one_line_error(err, "era_tool: error: refused: ", reason)
+        [line] = gate.logged()
+        assert " refused from 192.0.2.7: %s: " % command in line and reason in line, line
+        # Nothing ran: not dmsetup, not fsfreeze, not the tool but the gate itself.
+        calls = [line for line in gate.host.logged().splitlines() if "ssh-gate" not in line]
+        assert calls == [] and result.stdout == b""
+        assert not os.path.exists("/tmp/owned")
+
+    def test_an_old_kernel_needs_the_operators_word_in_the_request(self, tmp_path):
+        gate = GateHost(tmp_path)
+        gate.host.kernel = "5.10.0-46-amd64"
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        result = run_backup(tmp_path, gate.settings(backups, ALLOW_OLD_KERNEL="1"))
+        assert result.returncode == 0, result.stderr.decode()
+        assert read(backups / "data_era.img") == read(gate.host.data)
+        estimates = [line for line in gate.asked() if line.startswith("era_tool estimate ")]
+        assert estimates and all("--allow-old-kernel" in line for line in estimates)
+        # Without it, the data host's era_tool refuses that kernel by itself.
+        result = gate.ask("era_tool estimate --since 5 data_era")
+        assert result.returncode == 1
+        assert "era_tool: error: the running kernel 5.10.0-46-amd64 is older than 5.12" in \
+            result.stderr.decode()
+        assert "era_tool: error: copy failed (exit 1)" in result.stderr.decode()
+        assert gate.ask("era_tool estimate --since 5 --allow-old-kernel data_era").stdout == \
+            b"5 0\n"
+
+    def test_a_source_id_like_an_option_stays_a_value(self, tmp_path):
+        gate = GateHost(tmp_path)
+        owned = tmp_path / "owned"
+        result = gate.ask("era_tool copy --full --source-id=--output=%s data_era" % owned)
+        assert result.returncode == 0, result.stderr
+        assert not owned.exists()
+        header = era_tool.StreamHeader.read(_BytesInput(result.stdout))
+        assert header.source_id == "--output=%s" % owned
+
+    def test_a_config_others_may_change_is_refused(self, tmp_path):
+        gate = GateHost(tmp_path)
+        os.chmod(str(gate.config), 0o664)
+        result = gate.ask("era_tool status data_era")
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "may be changed by others (owner uid 0, "
+                                                      "mode 664)")
+        assert gate.host.logged().count("dmsetup") == 0
+
+    def test_the_gate_on_the_oldest_python(self, tmp_path):
+        oldest = [path for path in INTERPRETERS if (interpreter_version(path) or ())[:2] == (3, 6)]
+        if not oldest:
+            if IN_CI:
+                pytest.fail("no CPython 3.6 here: CI needs one")
+            pytest.skip("no CPython 3.6 here")
+        gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"))
+        host = gate.host
+        host.script("python3", 'echo "python3 $*" >> %s\nexec %s "$@"' % (host.calls, oldest[0]))
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        settings = gate.settings(backups, MOUNTPOINT=str(host.root), RATE_LIMIT="4M",
+                                 NICE="5", VERIFY="ALWAYS", COMPRESS="gzip")
+        result = run_backup(tmp_path, settings)
+        assert result.returncode == 0, result.stderr.decode()
+        data = bytearray(read(host.data))
+        data[100000] ^= 1
+        write(host.data, bytes(data))
+        result = run_backup(tmp_path, settings)
+        assert result.returncode == 3, result.stderr.decode()
+        assert read(backups / "data_era.img") == read(host.data)
+        assert sum(" done from " in line for line in gate.logged()) == len(gate.asked()) == 10
+
+    def test_an_interactive_login_is_refused(self, tmp_path):
+        gate = GateHost(tmp_path)
+        env = dict(os.environ, PATH="%s:%s" % (gate.host.root / "bin", os.environ["PATH"]))
+        env.pop("SSH_ORIGINAL_COMMAND", None)
+        result = subprocess.run([sys.executable, TOOL, "ssh-gate", "--log", str(gate.log),
+                                 str(gate.config)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "refused: no command (an interactive "
+                                                      "login): this key takes only backup.sh's")
+        assert "refused from ?: (no command)" in gate.logged()[0]
+
+    @pytest.mark.parametrize("config, message", [
+        ("ERA_DEVICE=data_era\n", "METADATA_DEVICE is not set"),
+        ("ERA_DEVICE=data_era\nMETADATA_DEVICE=meta\n", "METADATA_DEVICE must be an absolute"),
+        ("ERA_DEVICE=../x\nMETADATA_DEVICE=/m\n", "is not a device-mapper name"),
+        ("ERA_DEVICE=a\nMETADATA_DEVICE=/m\nHOST=x\n", "line 3: unknown setting HOST"),
+        ("ERA_DEVICE=a\nERA_DEVICE=b\nMETADATA_DEVICE=/m\n", "line 2: ERA_DEVICE is set twice"),
+        ("ERA_DEVICE=a\nMETADATA_DEVICE=/m\nFREEZE_TIMEOUT=7200\n", "FREEZE_TIMEOUT must be 1 "
+                                                                     "to 3600 seconds"),
+        ("ERA_DEVICE=a\nMETADATA_DEVICE=/m\nGRANULARITY=7\n", "GRANULARITY 7: dm-era block"),
+        ("ERA_DEVICE=a\nMETADATA_DEVICE=/m\nrm -rf /\n", "line 3: not KEY=value"),
+    ])
+    def test_bad_configs(self, tmp_path, config, message):
+        path = write(tmp_path / "gate.conf", config.encode())
+        log = tmp_path / "gate.log"
+        env = dict(os.environ, SSH_ORIGINAL_COMMAND="era_tool status a")
+        result = subprocess.run([sys.executable, TOOL, "ssh-gate", "--log", str(log), str(path)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=60)
+        assert result.returncode == 1
+        assert_one_line_error(result.stderr.decode(), "era_tool: error: config ", message)
+        assert message in read(log).decode()
+
+    def test_a_request_waits_for_the_one_before_it(self, tmp_path, monkeypatch, capsys):
+        gate = GateHost(tmp_path)
+        monkeypatch.setenv("PATH", "%s:%s" % (gate.host.root / "bin", os.environ["PATH"]))
+        monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "era_tool status data_era")
+        monkeypatch.setattr(era_tool, "GATE_LOCK_WAIT", 0.5)
+        argv = ["ssh-gate", "--log", str(gate.log), str(gate.config)]
+        held = era_tool._hold_gate_lock("data_era")
+        try:
+            assert era_tool.main(argv) == 1
+            assert_one_line_error(capsys.readouterr().err, "another request for data_era is "
+                                                           "still running")
+        finally:
+            os.close(held)
+        assert era_tool.main(argv) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out == [os.uname().release, "0 4096 era 8 10/2048 5 -", "ionice", "nice"], out
+
+    def frozen_copy(self, tmp_path, timeout):
+        """A final pass through the gate, its compressor stuck: (gate process, GateHost)."""
+        gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"), FREEZE_TIMEOUT=str(timeout))
+        gate.host.script("gzip", "exec sleep 60")
+        proc = subprocess.Popen(
+            [str(gate.ssh), "data1", "era_tool copy --since 5 --source-id x --compress gzip "
+             "--freeze %s --freeze-timeout %d data_era" % (gate.host.root, timeout)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)
+        wait_until(lambda: "fsfreeze -f" in gate.host.logged()
+                   and session_processes(proc.pid, b"era_tool.py\0copy\0")
+                   and session_processes(proc.pid, b"sleep\x0060\0"))
+        return proc, gate
+
+    def test_a_killed_gate_is_thawed_by_its_timer(self, tmp_path):
+        proc, gate = self.frozen_copy(tmp_path, 1)
+        os.killpg(proc.pid, signal.SIGKILL)       # the gate and its children, not the timer
+        proc.communicate(timeout=30)
+        wait_until(lambda: "fsfreeze -u" in gate.host.logged(), 20)
+        calls = gate.host.logged().splitlines()
+        assert [line for line in calls if line.startswith("fsfreeze")] == [
+            "fsfreeze -f %s" % gate.host.root, "fsfreeze -u %s" % gate.host.root], calls
+        record = "/run/era_tool-backup.%d" % os.stat(str(gate.host.root)).st_dev
+        wait_until(lambda: read(record) == b"")
+
+    def test_a_stopped_gate_thaws_and_drops_its_snapshot(self, tmp_path):
+        proc, gate = self.frozen_copy(tmp_path, 60)
+        try:
+            # The gate, once its thaw timer (a fork) has left for a session of its own.
+            wait_until(lambda: len(session_processes(proc.pid, b"\0ssh-gate\0")) == 1)
+            [gate_pid] = session_processes(proc.pid, b"\0ssh-gate\0")
+            os.kill(gate_pid, signal.SIGTERM)
+            # It stops its copy and the stuck compressor itself, and ends.
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=30)
+        calls = gate.host.logged().splitlines()
+        assert calls[-2:] == ["fsfreeze -u %s" % gate.host.root,
+                              "dmsetup message data_era 0 drop_metadata_snap"], calls
+        assert "stopped from 192.0.2.7" in gate.logged()[-1]
 
 
 def parse_metrics(text):
@@ -8040,6 +8362,85 @@ class TestDmEraBackupScript:
         assert mirror_state(rig.mirror)["era"] == era
         assert snap == "-", "backup.sh left a metadata snapshot"
 
+    def test_restricted_remote_through_the_ssh_gate(self, rig, tmp_path):
+        # The data host's side: a config, and the forced command sshd would run for the key,
+        # the client's command only in SSH_ORIGINAL_COMMAND. Its log goes to syslog (/dev/log).
+        syslog = SyslogCatcher() if not os.path.exists("/dev/log") else None
+        if syslog is not None:
+            rig.dm.defer(syslog.close)
+        log_file = tmp_path / "gate.log"
+        config = write(tmp_path / "gate.conf", (
+            "# the one era device this key may read\nERA_DEVICE=%s\nMETADATA_DEVICE=%s\n"
+            "DATA_DEVICE=%s\nMOUNTPOINT=%s\nFREEZE_TIMEOUT=60\n"
+            % (rig.name, rig.dm.meta, rig.node, rig.mnt)).encode())
+        requests = tmp_path / "requests"
+        ssh = write(tmp_path / "gate-ssh", (
+            '#!/bin/sh\nshift\nprintf "%%s\\n" "$1" >> %s\n'
+            'exec env -i SSH_ORIGINAL_COMMAND="$1" SSH_CLIENT="192.0.2.9 40000 22" '
+            'PATH=%s:/usr/sbin:/usr/bin:/sbin:/bin %s %s ssh-gate %s %s 9>&-\n'
+            % (requests, os.path.dirname(rig.freeze_log) + "/bin", sys.executable, TOOL,
+               "" if syslog else "--log %s" % log_file, config)).encode())
+        os.chmod(str(ssh), 0o755)
+        settings = dict(SSH=ssh, REMOTE="restricted", METADATA_DEVICE="", DATA_DEVICE="")
+
+        rig.write_files("a", 5)
+        first = rig.run(**settings)
+        assert first.returncode == 0, first.stderr
+        assert "first backup, full copy" in first.stderr and "frozen pass done" in first.stderr
+        assert [(op, rc, by) for _, op, rc, by in rig.freezes()] == [("-f", 0, "shell"),
+                                                                     ("-u", 0, "shell")]
+        assert rig.fsck() == 0
+        rig.write_files("b", 5)
+        later = rig.run(**settings)
+        assert later.returncode == 0, later.stderr
+        assert "first backup" not in later.stderr and "frozen pass done" in later.stderr
+        assert rig.fsck() == 0
+        expected = TestDmEraFilesystem.tree(rig.mnt)
+        with rig.view() as files:
+            assert files == expected
+        era, snap = era_status(rig.name)
+        assert snap == "-", "the gate left a metadata snapshot held"
+        asked = read_file(str(requests)).decode().splitlines()
+        assert all(re.match(r"era_tool (status|estimate|copy) (.* )?'%s'$" % rig.name, line)
+                   for line in asked), asked
+        assert sum(" --freeze '%s' " % rig.mnt in line for line in asked) == 2, asked
+
+        # Ten requests a stolen key might make: refused, logged, and nothing done.
+        canary = write(tmp_path / "canary", b"untouched")
+        hostile = [
+            "era_tool copy --full --source-id x era_tool_test_other",
+            "sh -i",
+            "era_tool status %s; rm -f %s" % (rig.name, canary),
+            "era_tool copy --full --source-id x %s %s" % (rig.name, rig.dm.meta),
+            "era_tool apply %s" % rig.node,
+            "era_tool copy --since 1 --source-id x --freeze / %s" % rig.name,
+            "dmsetup remove %s" % rig.name,
+            "era_tool copy --full --source-id x -o %s %s" % (canary, rig.name),
+            "era_tool status %s $(touch %s.2)" % (rig.name, canary),
+            "era_tool sum --key %s --since 1 --metadata /dev/vdc %s" % ("00" * 32, rig.name),
+        ]
+        os.unlink(rig.freeze_log)
+        for command in hostile:
+            result = subprocess.run([str(ssh), "data1", command], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            assert result.returncode == 1 and result.stdout == b"", result
+            assert_one_line_error(result.stderr.decode(), "era_tool: error: refused: ")
+        assert read_file(str(canary)) == b"untouched"
+        assert not os.path.exists(str(canary) + ".2")
+        assert not os.path.exists(rig.freeze_log), "a hostile request froze the filesystem"
+        assert era_status(rig.name) == (era, "-"), "a hostile request took a snapshot"
+        if syslog is not None:
+            logged = syslog.wait_for(2 * len(asked) + len(hostile))
+            # LOG_AUTH (4 << 3) | LOG_INFO (6), and | LOG_WARNING (4) for a refusal.
+            assert all(re.match(r"<3[46]>.*era_tool-gate\[\d+\]: ", line) for line in logged)
+        else:
+            logged = read_file(str(log_file)).decode().splitlines()
+        refused = [line for line in logged if " refused from 192.0.2.9: " in line]
+        assert len(refused) == len(hostile), logged
+        for line, command in zip(refused, hostile):
+            assert " refused from 192.0.2.9: %s: " % command in line, (line, command)
+        assert sum(" done from 192.0.2.9: " in line for line in logged) == len(asked), logged
+
     def test_a_cut_pass_is_resumed_by_the_next_run(self, rig, tmp_path):
         unmount(rig.mnt)
         write_direct(rig.node, 0, os.urandom(self.SIZE))    # no zero chunks: a long stream
@@ -8210,6 +8611,40 @@ class TestDmEraBackupScript:
                                                                      ("-u", 0, "shell")]
         assert probe.done.wait(10)
         assert rig.fsck() == 0
+
+
+class SyslogCatcher:
+    """A syslog socket at /dev/log, for a test: the messages sent to it, as text."""
+
+    PATH = "/dev/log"
+
+    def __init__(self):
+        import socket
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.PATH)
+        self.socket.settimeout(0.1)
+        self.lines = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.receive, daemon=True)
+        self.thread.start()
+
+    def receive(self):
+        import socket
+        while not self.stop.is_set():
+            try:
+                self.lines.append(self.socket.recv(65536).decode("utf-8", "replace"))
+            except socket.timeout:
+                pass
+
+    def wait_for(self, count, seconds=20):
+        wait_until(lambda: len(self.lines) >= count, seconds)
+        return list(self.lines)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.socket.close()
+        os.unlink(self.PATH)
 
 
 def sha256_of(*paths):
