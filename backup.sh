@@ -248,7 +248,9 @@ remote_copy() {
         words="copy --source-id $(q "$SOURCE_ID") --compress $COMPRESS $allow_old"
         case $kind in
             full) words+=" --full $gate_gently" ;;
-            resume) words+=" --resume $(q "$since") $([ "$whole" = full ] && echo --full) $gate_gently" ;;
+            resume)
+                words+=" --resume $(q "$since") $gate_gently"
+                if [ "$whole" = full ]; then words+=" --full"; fi ;;
             incremental) words+=" --since $(q "$since") $gate_gently" ;;
             # The final pass under fsfreeze at full speed: every writer of the filesystem waits for it.
             frozen) words+=" --since $(q "$since") --freeze $(q "$MOUNTPOINT") --freeze-timeout $(q "$FREEZE_TIMEOUT")" ;;

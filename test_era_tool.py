@@ -8363,25 +8363,12 @@ class TestDmEraBackupScript:
         assert snap == "-", "backup.sh left a metadata snapshot"
 
     def test_restricted_remote_through_the_ssh_gate(self, rig, tmp_path):
-        # The data host's side: a config, and the forced command sshd would run for the key,
-        # the client's command only in SSH_ORIGINAL_COMMAND. Its log goes to syslog (/dev/log).
         syslog = SyslogCatcher() if not os.path.exists("/dev/log") else None
         if syslog is not None:
             rig.dm.defer(syslog.close)
         log_file = tmp_path / "gate.log"
-        config = write(tmp_path / "gate.conf", (
-            "# the one era device this key may read\nERA_DEVICE=%s\nMETADATA_DEVICE=%s\n"
-            "DATA_DEVICE=%s\nMOUNTPOINT=%s\nFREEZE_TIMEOUT=60\n"
-            % (rig.name, rig.dm.meta, rig.node, rig.mnt)).encode())
-        requests = tmp_path / "requests"
-        ssh = write(tmp_path / "gate-ssh", (
-            '#!/bin/sh\nshift\nprintf "%%s\\n" "$1" >> %s\n'
-            'exec env -i SSH_ORIGINAL_COMMAND="$1" SSH_CLIENT="192.0.2.9 40000 22" '
-            'PATH=%s:/usr/sbin:/usr/bin:/sbin:/bin %s %s ssh-gate %s %s 9>&-\n'
-            % (requests, os.path.dirname(rig.freeze_log) + "/bin", sys.executable, TOOL,
-               "" if syslog else "--log %s" % log_file, config)).encode())
-        os.chmod(str(ssh), 0o755)
-        settings = dict(SSH=ssh, REMOTE="restricted", METADATA_DEVICE="", DATA_DEVICE="")
+        settings = rig.restricted(None if syslog else log_file)
+        ssh, requests = settings["SSH"], rig.gate_requests
 
         rig.write_files("a", 5)
         first = rig.run(**settings)
@@ -8400,7 +8387,7 @@ class TestDmEraBackupScript:
             assert files == expected
         era, snap = era_status(rig.name)
         assert snap == "-", "the gate left a metadata snapshot held"
-        asked = read_file(str(requests)).decode().splitlines()
+        asked = read_file(requests).decode().splitlines()
         assert all(re.match(r"era_tool (status|estimate|copy) (.* )?'%s'$" % rig.name, line)
                    for line in asked), asked
         assert sum(" --freeze '%s' " % rig.mnt in line for line in asked) == 2, asked
@@ -8432,7 +8419,8 @@ class TestDmEraBackupScript:
         if syslog is not None:
             logged = syslog.wait_for(2 * len(asked) + len(hostile))
             # LOG_AUTH (4 << 3) | LOG_INFO (6), and | LOG_WARNING (4) for a refusal.
-            assert all(re.match(r"<3[46]>.*era_tool-gate\[\d+\]: ", line) for line in logged)
+            assert all(re.match(r"<3[68]>.*era_tool-gate\[\d+\]: ", line) for line in logged)
+            assert all(line.startswith("<36>") == (" refused from " in line) for line in logged)
         else:
             logged = read_file(str(log_file)).decode().splitlines()
         refused = [line for line in logged if " refused from 192.0.2.9: " in line]
@@ -8441,22 +8429,25 @@ class TestDmEraBackupScript:
             assert " refused from 192.0.2.9: %s: " % command in line, (line, command)
         assert sum(" done from 192.0.2.9: " in line for line in logged) == len(asked), logged
 
-    def test_a_cut_pass_is_resumed_by_the_next_run(self, rig, tmp_path):
+    @pytest.mark.parametrize("remote", ["send", "restricted"])
+    def test_a_cut_pass_is_resumed_by_the_next_run(self, rig, tmp_path, remote):
         unmount(rig.mnt)
         write_direct(rig.node, 0, os.urandom(self.SIZE))    # no zero chunks: a long stream
+        settings = dict(MOUNTPOINT="", COMPRESS="none")
+        if remote == "restricted":
+            settings.update(rig.restricted(tmp_path / "gate.log"))
         # The connection drops after 12 MiB of a pass (not of the estimates: they are short).
         cut = str(tmp_path / "cut-ssh")
         with open(cut, "w") as f:
-            f.write('#!/bin/sh\n%s "$@" | head -c %d\n' % (rig.ssh, 12 * MiB))
+            f.write('#!/bin/sh\n%s "$@" | head -c %d\n' % (settings.get("SSH", rig.ssh), 12 * MiB))
         os.chmod(cut, 0o755)
-        settings = dict(MOUNTPOINT="", COMPRESS="none")
         for kind in ("full", "incremental"):
             writer = DirectWriter(rig.node, self.SIZE, seed=18)
             writer.start()
             try:
                 if kind == "incremental":
                     write_direct(rig.node, 4 * MiB, os.urandom(20 * MiB))
-                dropped = rig.run(SSH=cut, **settings)
+                dropped = rig.run(**dict(settings, SSH=cut))
             finally:
                 writer.stop()
             assert dropped.returncode == 1, dropped.stderr
@@ -8473,6 +8464,11 @@ class TestDmEraBackupScript:
             image = read_file(rig.mirror)
             assert image == truth, diff_offsets(image, truth)
             assert "interrupted" not in mirror_state(rig.mirror)
+        if remote == "restricted":
+            resumes = [line for line in read_file(rig.gate_requests).decode().splitlines()
+                       if " --resume " in line]
+            assert len(resumes) == 2 and [line.endswith(" --full '%s'" % rig.name)
+                                          for line in resumes] == [True, False], resumes
 
     def test_verify_finds_and_repairs_writes_behind_dm_eras_back(self, rig):
         unmount(rig.mnt)                  # the writes below would puzzle a mounted ext4
@@ -8887,6 +8883,28 @@ class Rig:
         for name in ("ssh", "bin/python3", "bin/fsfreeze", "bin/sleep"):
             os.chmod(str(rig / name), 0o755)
         self.settings = str(tmp_path / "settings")
+
+    def restricted(self, log=None):
+        """The data host's side of REMOTE=restricted, and the settings that use it.
+
+        A config naming this rig's devices and mount point, and the forced command sshd
+        would run for the backup key: the client's command only in SSH_ORIGINAL_COMMAND,
+        in an environment of sshd's making. The gate logs to syslog, or to `log`.
+        """
+        top = os.path.dirname(self.freeze_log)
+        config = write(os.path.join(top, "gate.conf"), (
+            "# the one era device this key may read\nERA_DEVICE=%s\nMETADATA_DEVICE=%s\n"
+            "DATA_DEVICE=%s\nMOUNTPOINT=%s\nFREEZE_TIMEOUT=60\n"
+            % (self.name, self.dm.meta, self.node, self.mnt)).encode())
+        self.gate_requests = os.path.join(top, "requests")
+        ssh = write(os.path.join(top, "gate-ssh"), (
+            '#!/bin/sh\nshift\nprintf "%%s\\n" "$1" >> %s\n'
+            'exec env -i SSH_ORIGINAL_COMMAND="$1" SSH_CLIENT="192.0.2.9 40000 22" '
+            'PATH=%s/bin:/usr/sbin:/usr/bin:/sbin:/bin %s %s ssh-gate %s %s 9>&-\n'
+            % (self.gate_requests, top, sys.executable, TOOL,
+               "--log %s" % log if log else "", config)).encode())
+        os.chmod(str(ssh), 0o755)
+        return dict(SSH=str(ssh), REMOTE="restricted", METADATA_DEVICE="", DATA_DEVICE="")
 
     def write_settings(self, **override):
         """Settings for the next run, which starts a new log of fsfreeze calls."""
