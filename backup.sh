@@ -245,7 +245,7 @@ remote_copy() {
     local kind=$1 since=${2:-} whole=${3:-}
     if [ "$REMOTE" = restricted ]; then
         local words
-        words="copy --source-id $(q "$SOURCE_ID") --compress $COMPRESS $allow_old"
+        words="copy --source-id=$(q "$SOURCE_ID") --compress $COMPRESS $allow_old"
         case $kind in
             full) words+=" --full $gate_gently" ;;
             resume)
@@ -644,7 +644,7 @@ EOF
 # Writes a repair stream of the blocks listed in the XML file $2, for the mirror at era $1.
 remote_repair() {
     if [ "$REMOTE" = restricted ]; then
-        gate repair --era "$(q "$1")" --source-id "$(q "$SOURCE_ID")" --compress "$COMPRESS" "$gate_gently" < "$2"
+        gate repair --era "$(q "$1")" --source-id="$(q "$SOURCE_ID")" --compress "$COMPRESS" "$gate_gently" < "$2"
         return
     fi
     remote "$2" <<EOF

@@ -5248,18 +5248,25 @@ def roll_back(undo_file, destination, state=None, force=False):
 # device, no write, no freeze longer than the config allows.
 
 GATE_SETTINGS = ("ERA_DEVICE", "METADATA_DEVICE", "DATA_DEVICE", "MOUNTPOINT", "GRANULARITY",
-                 "FREEZE_TIMEOUT")
+                 "FREEZE_TIMEOUT", "FREEZE_INTERVAL")
 GATE_MAX_CONFIG = 1 << 16         # bytes: a config is a few lines
 GATE_MAX_REQUEST = 4096           # bytes of a request: backup.sh's longest is a few hundred
 GATE_LOCK_WAIT = 10               # seconds a request waits for the one before it to end
 GATE_FREEZE_TIMEOUT = 120         # seconds, where the config does not say
 GATE_MAX_FREEZE = 3600            # a config's FREEZE_TIMEOUT: an hour frozen is an outage
+GATE_FREEZE_INTERVAL = 900        # seconds from one freeze's start to the next, by default:
+                                  # a key cannot keep the filesystem frozen back to back
+GATE_MAX_INTERVAL = 7 * 86400
+GATE_MAX_LIST = 64 << 20          # bytes of a repair's block list: held on the way in
+GATE_STOP_WAIT = 10               # seconds a stopped request's children get to clean up
 GATE_LOCK = "/run/era_tool-gate.%s.lock"      # one request at a time per era device
+GATE_FROZE = "/run/era_tool-gate.%s.froze"    # when its last freeze started (time.time())
 FREEZE_RECORD = "/run/era_tool-backup.%d"     # backup.sh's: whose freeze of st_dev %d is on
 DM_NAME = re.compile(r"\A[A-Za-z0-9_.+-]{1,127}\Z")   # what a config's ERA_DEVICE may be
 COMPRESSORS = {"gzip": ("gzip", "-1"), "zstd": ("zstd", "-1", "-q"),
                "lz4": ("lz4", "-1", "-q"), "xz": ("xz", "-1"), "none": ()}
-IONICE_OPTIONS = re.compile(r"\A-c ?[1-3](?: -n ?[0-7])?\Z")   # backup.sh's IONICE
+# backup.sh's IONICE, but gentle only: not the realtime class (1), above every other reader.
+IONICE_OPTIONS = re.compile(r"\A-c ?[23](?: -n ?[0-7])?\Z")
 
 
 class GateConfig:
@@ -5299,6 +5306,11 @@ class GateConfig:
             raise fail("FREEZE_TIMEOUT must be 1 to %d seconds, not %s"
                        % (GATE_MAX_FREEZE, shown(timeout[:20])))
         self.freeze_timeout = int(timeout)
+        interval = values.get("FREEZE_INTERVAL") or str(GATE_FREEZE_INTERVAL)
+        if not (interval.isdigit() and _isascii(interval) and int(interval) <= GATE_MAX_INTERVAL):
+            raise fail("FREEZE_INTERVAL must be 0 to %d seconds, not %s"
+                       % (GATE_MAX_INTERVAL, shown(interval[:20])))
+        self.freeze_interval = int(interval)
 
     @classmethod
     def load(cls, path):
@@ -5354,8 +5366,8 @@ class _GateParser(argparse.ArgumentParser):
 
 def _ionice(text):
     if not IONICE_OPTIONS.match(text):
-        raise argparse.ArgumentTypeError("%r is not ionice's class options (e.g. -c3, or -c2 -n7)"
-                                         % text[:40])
+        raise argparse.ArgumentTypeError("%r is not ionice's idle or best-effort class (-c3, or "
+                                         "-c2 -n7)" % text[:40])
     return text.split()
 
 
@@ -5441,6 +5453,10 @@ def gate_request(text, configs):
     if not words or words[0] != "era_tool":
         raise GateRefused("only era_tool requests are taken, not %s"
                           % shown((words or [""])[0][:80] or "an empty command"))
+    # argparse before 3.13 takes "--opt=--" as an empty list, past the option's type check.
+    dashes = [word for word in words if word == "--" or word.endswith("=--")]
+    if dashes:
+        raise GateRefused("%s: no request has a use for --" % shown(dashes[0][:80]))
     request = build_gate_parser().parse_args(words[1:])
     found = [config for config in configs if config.era_device == request.era_device]
     if not found:
@@ -5623,11 +5639,12 @@ class Gate:
         """
         import signal
         if self.frozen:
-            self.frozen = False
             try:
                 self.thaw()
-            except EraError:
-                pass
+                self.frozen = False
+            except BaseException:
+                # Not thawed here (a signal, a lock that failed): the timer is the thaw now.
+                self.watchdog = None
         if self.watchdog is not None:
             # The process, then its group: before its setsid() it has none of its own.
             for kill in (os.kill, os.killpg):
@@ -5676,6 +5693,21 @@ class Gate:
             device = os.stat(mountpoint).st_dev
         except OSError as exc:
             raise EraError("cannot freeze %s: %s" % (shown(mountpoint), exc.strerror)) from None
+        # A freeze at most every FREEZE_INTERVAL seconds: FREEZE_TIMEOUT bounds one of them,
+        # this how much of the time a key may keep the filesystem's writers waiting.
+        froze = GATE_FROZE % self.config.era_device
+        try:
+            with open(froze) as f:
+                last = float(f.read(64))
+        except (OSError, ValueError):
+            last = None
+        since = time.time() - last if last is not None else None
+        if since is not None and 0 <= since < self.config.freeze_interval:
+            raise EraError("the last freeze of %s started %d s ago: the config's FREEZE_INTERVAL "
+                           "allows one every %d s" % (shown(mountpoint), since,
+                                                      self.config.freeze_interval))
+        with open(froze, "w") as f:
+            f.write("%f\n" % time.time())
         self.record = FREEZE_RECORD % device
         self.watchdog = _thaw_timer(mountpoint, self.record,
                                     self.request.freeze_timeout or self.config.freeze_timeout)
@@ -5747,8 +5779,14 @@ class Gate:
             output = parts[0].stdout.read() if capture else None
             statuses = [part.wait() for part in parts]
         finally:
+            # SIGTERM first: a sum drops the snapshot it took, a copy says why it stopped.
             for part in parts:
                 if part.poll() is None:
+                    part.terminate()
+            for part in parts:
+                try:
+                    part.wait(GATE_STOP_WAIT)
+                except subprocess.TimeoutExpired:
                     part.kill()
                     part.wait()
                 if part.stdout is not None:
@@ -5807,8 +5845,8 @@ class Gate:
         # refuses them): every writer of the filesystem waits for it.
         self.tool(*(words + [granularity, config.data_device]), compress=request.compress)
         if freeze:
-            self.frozen = False
             thawed = self.thaw()
+            self.frozen = False
             if thawed == 2:
                 raise EraError("the copy outlasted FREEZE_TIMEOUT (%d s): the filesystem was "
                                "thawed during it" % (request.freeze_timeout
@@ -5828,12 +5866,25 @@ class Gate:
         return 0
 
     def do_repair(self):
+        import tempfile
         request, config = self.request, self.config
-        # The list of blocks to repair, verify's XML, arrives on standard input.
-        self.tool("copy", "--repair", "--era=%d" % request.era,
-                  "--source-id=" + request.source_id, str(self.granularity()),
-                  config.data_device, stdin=0 if sys.stdin is not None else None,
-                  compress=request.compress)
+        # The list of blocks to repair, verify's XML, arrives on standard input: at most
+        # GATE_MAX_LIST bytes of it, which copy then holds as ranges.
+        with tempfile.TemporaryFile() as held:
+            size = 0
+            while sys.stdin is not None:
+                piece = os.read(0, 1 << 20)
+                if not piece:
+                    break
+                size += len(piece)
+                if size > GATE_MAX_LIST:
+                    raise EraError("the block list to repair is longer than %d MiB: copy the "
+                                   "device whole instead" % (GATE_MAX_LIST >> 20))
+                write_all(held.fileno(), piece)
+            held.seek(0)
+            self.tool("copy", "--repair", "--era=%d" % request.era,
+                      "--source-id=" + request.source_id, str(self.granularity()),
+                      config.data_device, stdin=held, compress=request.compress)
         return 0
 
 
@@ -7148,13 +7199,14 @@ the data host's authorized_keys, one line (the backup host's key, only these req
   DATA_DEVICE=/dev/mapper/data_era    the device copied (default: /dev/mapper/ERA_DEVICE)
   MOUNTPOINT=/srv/data                the filesystem the final pass may freeze (default: none)
   FREEZE_TIMEOUT=120                  the longest freeze a request may ask for, seconds
+  FREEZE_INTERVAL=900                 seconds from the start of one freeze to the next, at least
   GRANULARITY=128                     the era block size (default: from dmsetup table)
 requests (SSH_ORIGINAL_COMMAND; backup.sh's REMOTE=restricted sends them):
   era_tool status ERA_DEVICE
   era_tool estimate --since ERA [--allow-old-kernel] ERA_DEVICE
   era_tool copy (--full | --since ERA | --resume TOKEN [--full]) --source-id ID
       [--compress gzip|zstd|lz4|xz|none] [--freeze MOUNTPOINT [--freeze-timeout S]]
-      [--rate-limit RATE] [--ionice=-c3] [--nice N] [--allow-old-kernel] ERA_DEVICE
+      [--rate-limit RATE] [--ionice=-c3|-c2 -n7] [--nice N] [--allow-old-kernel] ERA_DEVICE
   era_tool sum --key HEX --since ERA [--range BEGIN:END] [--rate-limit ...] ERA_DEVICE
   era_tool repair --era ERA --source-id ID [--compress ...] ERA_DEVICE  (verify's XML on stdin)
 anything else is refused with one line (exit 1) and logged; so is a request for a device
@@ -7185,8 +7237,9 @@ def cmd_ssh_gate(args):
     log = GateLog(args.log)
     text = os.environ.get("SSH_ORIGINAL_COMMAND")
     client = (os.environ.get("SSH_CLIENT") or "").split()
-    said = "from %s: %s" % (client[0] if client else "?",
-                            "(no command)" if text is None else text[:300])
+    # The whole request (a longer one is refused): nothing it does hides behind a cut.
+    said = "from %s: %s" % (client[0] if client else "?", "(no command)" if text is None
+                            else text[:GATE_MAX_REQUEST] + "..." * (len(text) > GATE_MAX_REQUEST))
     try:
         configs = [GateConfig.load(path) for path in args.config]
         names = [config.era_device for config in configs]
@@ -7196,21 +7249,22 @@ def cmd_ssh_gate(args):
     except GateRefused as exc:
         log("refused %s: %s" % (said, exc), warning=True)
         raise GateRefused("refused: %s" % exc) from None
-    except EraError as exc:
-        log("failed %s: %s" % (said, exc), warning=True)
+    except BaseException as exc:
+        log("failed %s: %s" % (said, shown(exc) or type(exc).__name__), warning=True)
         raise
     log("request %s" % said)
-    lock = _hold_gate_lock(config.era_device)
     try:
-        status = Gate(config, request).run()
+        lock = _hold_gate_lock(config.era_device)
+        try:
+            status = Gate(config, request).run()
+        finally:
+            os.close(lock)
     except KeyboardInterrupt:
         log("stopped %s" % said, warning=True)
         raise
-    except EraError as exc:
-        log("failed %s: %s" % (said, exc), warning=True)
+    except BaseException as exc:
+        log("failed %s: %s" % (said, shown(exc) or type(exc).__name__), warning=True)
         raise
-    finally:
-        os.close(lock)
     log("done %s" % said)
     return status
 

@@ -2499,7 +2499,7 @@ class GateHost:
         self.stdin = host.root / "stdin"
         self.log = host.root / "gate.log"
         settings = dict(ERA_DEVICE="data_era", METADATA_DEVICE=str(host.meta),
-                        DATA_DEVICE=str(host.data))
+                        DATA_DEVICE=str(host.data), FREEZE_INTERVAL="0")
         settings.update(config)
         self.config = write(host.root / "gate.conf", "".join(
             "%s=%s\n" % item for item in settings.items() if item[1] is not None).encode())
@@ -2609,7 +2609,7 @@ class TestSshGate:
          "--freeze takes no --rate-limit"),
         ("era_tool copy --since 5 --source-id x --nice -5 data_era", "'-5' is not a niceness"),
         ("era_tool copy --since 5 --source-id x --ionice '-c3; reboot' data_era",
-         "is not ionice's class options"),
+         "is not ionice's idle or best-effort class"),
         ("era_tool copy --full --since 5 --source-id x data_era", "copy takes one of --full"),
         ("era_tool copy --full --source-id x --compress 'sh -c id' data_era",
          "--compress: invalid choice"),
@@ -2619,6 +2619,10 @@ class TestSshGate:
         ("era_tool sta data_era", "invalid choice: 'sta'"),
         ("era_tool status 'data_era", "not words: No closing quotation"),
         ("", "only era_tool requests are taken, not an empty command"),
+        ("era_tool copy --since=-- --source-id x data_era", "--since=--: no request has a use"),
+        ("era_tool copy --since 5 --source-id x --freeze=-- data_era", "--freeze=--: no request"),
+        ("era_tool copy --since 5 --source-id x '--ionice=-c1' data_era",
+         "is not ionice's idle or best-effort class"),
     ]
 
     @pytest.mark.parametrize("command, reason", HOSTILE, ids=[c[:40] for c, _ in HOSTILE])
@@ -2655,6 +2659,63 @@ class TestSshGate:
         assert "era_tool: error: copy failed (exit 1)" in result.stderr.decode()
         assert gate.ask("era_tool estimate --since 5 --allow-old-kernel data_era").stdout == \
             b"5 0\n"
+
+    def test_one_freeze_per_interval(self, tmp_path):
+        gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"), FREEZE_INTERVAL="300")
+        froze = "/run/era_tool-gate.data_era.froze"
+        if os.path.exists(froze):
+            os.unlink(froze)
+        frozen = "era_tool copy --since 5 --source-id x --freeze %s data_era" % gate.host.root
+        first = gate.ask(frozen)
+        assert first.returncode == 0, first.stderr
+        again = gate.ask(frozen)
+        assert again.returncode == 1
+        assert_one_line_error(again.stderr.decode(), "started 0 s ago: the config's "
+                                                     "FREEZE_INTERVAL allows one every 300 s")
+        calls = gate.host.logged().splitlines()
+        assert [line.split()[1] for line in calls if line.startswith("fsfreeze ")] == ["-f", "-u"]
+        # The second request: no freeze, no snapshot.
+        last = max(i for i, line in enumerate(calls) if "ssh-gate" in line)
+        assert calls[last + 1:] == ["dmsetup table data_era"], calls
+        assert " failed from 192.0.2.7: %s: the last freeze" % frozen in gate.logged()[-1]
+        os.unlink(froze)
+
+    def test_a_gate_stopped_during_its_thaw_thaws_all_the_same(self, tmp_path):
+        gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"), FREEZE_TIMEOUT="30")
+        host = gate.host
+        # fsfreeze -u takes two seconds, logged as it starts and when it is done.
+        host.script("fsfreeze", 'echo "fsfreeze $1 start" >> %s\n[ "$1" = -u ] && sleep 2\n'
+                                'echo "fsfreeze $1 done" >> %s' % (host.calls, host.calls))
+        proc = subprocess.Popen(
+            [str(gate.ssh), "data1", "era_tool copy --since 5 --source-id x --freeze %s "
+             "data_era" % host.root], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            wait_until(lambda: "fsfreeze -u start" in host.logged())
+            [gate_pid] = session_processes(proc.pid, b"\0ssh-gate\0")
+            os.kill(gate_pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=30)
+        # The thaw it was in was cut short; the cleanup's own thaw went through.
+        thaws = [line for line in host.logged().splitlines() if line.startswith("fsfreeze -u")]
+        assert thaws[-1] == "fsfreeze -u done", thaws
+        assert read("/run/era_tool-backup.%d" % os.stat(str(host.root)).st_dev) == b""
+
+    def test_a_long_repair_list_is_refused(self, tmp_path, monkeypatch):
+        gate = GateHost(tmp_path)
+        listing = write(tmp_path / "list.xml", b"<blocks>\n" + b'  <block block="3"/>\n' * 4000000)
+        with open(listing, "rb") as f:
+            result = subprocess.run([str(gate.ssh), "data1", "era_tool repair --era 5 --source-id "
+                                     "x data_era"], stdin=f, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=120)
+        assert result.returncode == 1 and result.stdout == b""
+        assert_one_line_error(result.stderr.decode(), "the block list to repair is longer than "
+                                                      "64 MiB")
+        assert "era_tool.py copy" not in gate.host.logged()
 
     def test_a_source_id_like_an_option_stays_a_value(self, tmp_path):
         gate = GateHost(tmp_path)
@@ -8894,7 +8955,7 @@ class Rig:
         top = os.path.dirname(self.freeze_log)
         config = write(os.path.join(top, "gate.conf"), (
             "# the one era device this key may read\nERA_DEVICE=%s\nMETADATA_DEVICE=%s\n"
-            "DATA_DEVICE=%s\nMOUNTPOINT=%s\nFREEZE_TIMEOUT=60\n"
+            "DATA_DEVICE=%s\nMOUNTPOINT=%s\nFREEZE_TIMEOUT=60\nFREEZE_INTERVAL=0\n"
             % (self.name, self.dm.meta, self.node, self.mnt)).encode())
         self.gate_requests = os.path.join(top, "requests")
         ssh = write(os.path.join(top, "gate-ssh"), (
