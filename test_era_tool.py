@@ -2724,16 +2724,8 @@ class TestSshGate:
             [str(gate.ssh), "data1", "era_tool copy --since 5 --source-id x --freeze %s "
              "data_era" % host.root], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            wait_until(lambda: "fsfreeze -u start" in host.logged())
-            [gate_pid] = session_processes(proc.pid, b"\0ssh-gate\0")
-            os.kill(gate_pid, signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-            assert proc.returncode == 130, err
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate(timeout=30)
+        wait_until(lambda: "fsfreeze -u start" in host.logged())
+        self.stop_gate(proc)
         # The thaw it was in was cut short; the cleanup's own thaw went through.
         thaws = [line for line in host.logged().splitlines() if line.startswith("fsfreeze -u")]
         assert thaws[-1] == "fsfreeze -u done", thaws
@@ -2843,6 +2835,22 @@ class TestSshGate:
         out = capsys.readouterr().out.splitlines()
         assert out == [os.uname().release, "0 4096 era 8 10/2048 5 -", "ionice", "nice"], out
 
+    @staticmethod
+    def stop_gate(proc):
+        """SIGTERM to the gate under the stand-in ssh `proc`; it must clean up and end (130)."""
+        try:
+            # The gate, once its thaw timer (a fork) has left for a session of its own.
+            wait_until(lambda: len(session_processes(proc.pid, b"\0ssh-gate\0")) == 1)
+            [gate_pid] = session_processes(proc.pid, b"\0ssh-gate\0")
+            os.kill(gate_pid, signal.SIGTERM)
+            # It stops its copy and any stuck compressor itself, and ends.
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=30)
+
     def frozen_copy(self, tmp_path, timeout):
         """A final pass through the gate, its compressor stuck: (gate process, GateHost)."""
         gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"), FREEZE_TIMEOUT=str(timeout))
@@ -2870,18 +2878,7 @@ class TestSshGate:
 
     def test_a_stopped_gate_thaws_and_drops_its_snapshot(self, tmp_path):
         proc, gate = self.frozen_copy(tmp_path, 60)
-        try:
-            # The gate, once its thaw timer (a fork) has left for a session of its own.
-            wait_until(lambda: len(session_processes(proc.pid, b"\0ssh-gate\0")) == 1)
-            [gate_pid] = session_processes(proc.pid, b"\0ssh-gate\0")
-            os.kill(gate_pid, signal.SIGTERM)
-            # It stops its copy and the stuck compressor itself, and ends.
-            _, err = proc.communicate(timeout=30)
-            assert proc.returncode == 130, err
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate(timeout=30)
+        self.stop_gate(proc)
         calls = gate.host.logged().splitlines()
         assert calls[-2:] == ["fsfreeze -u %s" % gate.host.root,
                               "dmsetup message data_era 0 drop_metadata_snap"], calls
