@@ -122,12 +122,20 @@ done
 [ "$VERIFY" = ALWAYS ] || [[ $VERIFY =~ ^[0-9]+$ ]] || die "VERIFY must be ALWAYS, a number of runs or 0, not '$VERIFY'"
 [ "$VERIFY_SLICE" -ge 1 ] || die "VERIFY_SLICE must be at least 1"
 [ -z "$RATE_LIMIT" ] || [[ $RATE_LIMIT =~ ^[0-9]+[KMGkmg]?$ ]] || die "RATE_LIMIT must be bytes a second, e.g. 50M, not '$RATE_LIMIT'"
-[ -z "$IONICE" ] || [[ $IONICE =~ ^-c\ ?[1-3](\ -n\ ?[0-7])?$ ]] || die "IONICE must be ionice's class options, e.g. -c3 or -c2 -n7, not '$IONICE'"
+# The idle class, or best effort with an optional level: the real-time class is the opposite of gentle, and
+# ionice ignores a level given with the idle class (and says so at every pass).
+[ -z "$IONICE" ] || [[ $IONICE =~ ^(-c\ ?3|-c\ ?2(\ -n\ ?[0-7])?)$ ]] || die "IONICE must be ionice's idle class (-c3) or best effort (-c2, or -c2 -n7), not '$IONICE'"
 [ -z "$NICE" ] || { [[ $NICE =~ ^[0-9]+$ ]] && [ "$NICE" -le 19 ]; } || die "NICE must be 0 to 19, not '$NICE'"
 case $ALLOW_OLD_KERNEL in 0|1) ;; *) die "ALLOW_OLD_KERNEL must be 0 or 1, not '$ALLOW_OLD_KERNEL'" ;; esac
 [ -r "$TOOL" ] || die "cannot read TOOL $TOOL"
+# The limit era_tool takes (at least 64K, no more than it can count), by era_tool's own rule: a value it refuses
+# would otherwise fail every limited pass on HOST.
+if [ -n "$RATE_LIMIT" ] && ! python3 "$TOOL" copy "--rate-limit=$RATE_LIMIT" --help >/dev/null 2>&1; then
+    die "RATE_LIMIT must be bytes a second, at least 64K (K, M, G: powers of 1024), e.g. 50M, not '$RATE_LIMIT'"
+fi
 [ -d "$DIR" ] || die "DIR $DIR is not a directory"
 [ -z "$METRICS" ] || [ -d "$(dirname -- "$METRICS")" ] || die "METRICS $METRICS: no such directory"
+[ -z "$METRICS" ] || [ ! -d "$METRICS" ] || die "METRICS $METRICS is a directory: name the textfile in it, e.g. METRICS=${METRICS%/}/era_backup.prom"
 case $COMPRESS in
     gzip) pack='gzip -1'; unpack='gzip -d' ;;
     zstd) pack='zstd -1 -q'; unpack='zstd -d -q' ;;
@@ -352,8 +360,11 @@ if r and s.get("resume_token"):
 
 # Copies standard input to standard output and appends how many bytes it copied to the file $1 (also when cut).
 count_into() {
-    python3 -c 'import os, sys
+    python3 -c 'import os, signal, sys
 count = 0
+# A stopped run (systemctl stop, a hangup) still counts what went through: the signal ends the loop, not the process.
+for number in signal.SIGTERM, signal.SIGHUP:
+    signal.signal(number, lambda signum, frame: sys.exit(128 + signum))
 try:
     while True:
         piece = os.read(0, 1 << 20)
@@ -400,6 +411,12 @@ runs, metrics = sys.argv[1], sys.argv[2]
 env = os.environ
 
 
+def utf8(name):
+    """The variable as the bytes bash gave it, read as UTF-8 whatever the locale (Python 3.6 under LANG=C would
+    keep non-ASCII bytes as lone surrogates, which no file can take)."""
+    return os.fsencode(env.get(name, "")).decode("utf-8", "replace")
+
+
 def whole(name):
     value = env.get(name, "")
     return int(value) if value.isdigit() else None
@@ -423,31 +440,47 @@ def total(path):
 start, end = float(env["RUN_START"]), float(env["RUN_END"])
 record = {
     "start": iso(start), "end": iso(end), "seconds": round(end - start, 3),
-    "source_id": env["RUN_SOURCE"], "mirror": env["RUN_MIRROR"],
+    "source_id": utf8("RUN_SOURCE"), "mirror": utf8("RUN_MIRROR"),
     "bytes_sent": total(env["RUN_DIR"] + "/sent"), "bytes_applied": total(env["RUN_DIR"] + "/applied"),
     "passes": whole("RUN_PASSES") or 0, "frozen_seconds": round(float(env.get("RUN_FROZEN") or 0), 3),
     "era_before": whole("RUN_ERA_BEFORE"), "era_after": whole("RUN_ERA_AFTER"),
     "verified_blocks": whole("RUN_VERIFIED"), "repaired_blocks": whole("RUN_REPAIRED"),
     "metadata_used_ratio": round(float(env["RUN_META_RATIO"]), 4) if env.get("RUN_META_RATIO") else None,
-    "exit_code": int(env["RUN_EXIT"]), "message": env.get("RUN_MESSAGE", ""),
+    "exit_code": int(env["RUN_EXIT"]), "message": utf8("RUN_MESSAGE"),
 }
-fd = os.open(runs, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+line = (json.dumps(record) + "\n").encode()
+failed = None
 try:
-    os.write(fd, (json.dumps(record) + "\n").encode())     # one write: whole lines, even side by side
-    os.fsync(fd)
-finally:
-    os.close(fd)
+    fd = os.open(runs, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # A last line cut by a full disk ends here: a newline first, or this record would join it.
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        if os.write(fd, line) != len(line):                   # one write: whole lines, even side by side
+            raise OSError("only part of the record was written (the disk is full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+except OSError as exc:
+    print("backup.sh: cannot append to %s: %s" % (runs, exc), file=sys.stderr)
+    failed = exc
 if metrics:
+    # Written even when the record could not be: a failed run must reach the alert.
     success = 0.0
-    with open(runs, errors="replace") as f:
-        for line in f:
-            try:
-                old = json.loads(line)
-                if old.get("exit_code") in (0, 3) and old.get("source_id") == record["source_id"]:
-                    success = (datetime.datetime.strptime(old["end"], "%Y-%m-%dT%H:%M:%S.%fZ")
-                               - EPOCH).total_seconds()
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue                                      # a line cut by a full disk
+    try:
+        with open(runs, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        lines = []
+    for text in lines + ([] if failed is None else [line.decode()]):
+        try:
+            old = json.loads(text)
+            if old.get("exit_code") in (0, 3) and old.get("source_id") == record["source_id"]:
+                success = (datetime.datetime.strptime(old["end"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                           - EPOCH).total_seconds()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue                                          # a line cut by a full disk
     label = '{source="%s"}' % record["source_id"].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     samples = [
         ("last_success_timestamp_seconds", "when the last run that exited 0 or 3 ended (0: none yet)", success),
@@ -463,49 +496,63 @@ if metrics:
                    for name, help_, value in samples)
     temporary = "%s.tmp.%d" % (metrics, os.getpid())
     directory, base = os.path.split(os.path.abspath(metrics))
-    for name in os.listdir(directory):                      # left by a run killed while writing
-        if name.startswith(base + ".tmp."):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
     try:
-        with open(temporary, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, metrics)                         # never half-written: whole or the old one
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        for name in os.listdir(directory):                  # left by a run killed while writing
+            if name.startswith(base + ".tmp."):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+        try:
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, metrics)                     # never half-written: whole or the old one
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as exc:
+        print("backup.sh: cannot write %s: %s" % (metrics, exc), file=sys.stderr)
+        failed = failed or exc
+if failed is not None:
+    sys.exit(1)
 PY
 run_start=$(date +%s.%N) run_dir=$(mktemp -d "${TMPDIR:-/tmp}/era_backup.XXXXXX") run_passes=0 run_frozen=0
-frozen_began='' run_era_before='' run_verified='' run_repaired='' metadata_ratio=''
+frozen_began='' run_era_before='' run_verified='' run_repaired='' metadata_ratio='' locked_out=0 rolled_back=0
 on_exit() {
-    local rc=$? era summary
+    local rc=$? era summary metrics=$METRICS
     trap - HUP INT TERM
     if [ -n "$frozen_began" ]; then
         run_frozen=$(awk -v a="$frozen_began" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
     fi
     era=$(mirror_era 2>/dev/null) || era='?'
+    # A run locked out by a running one touched nothing: its record says so, without eras (the mirror is the other
+    # run's), and METRICS stays the other run's to write.
+    [ "$locked_out" = 0 ] || era='' metrics=''
     case $rc in
         0|3) summary=$run_message ;;
-        *)  if [ -n "$(mirror_resume 2>/dev/null)" ]; then
+        *)  if [ "$locked_out" = 1 ]; then
+                summary="$run_message: this run changed nothing"
+            elif [ -n "$(mirror_resume 2>/dev/null)" ]; then
                 summary="failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
+            elif [ "$run_passes" = 0 ] && [ "$rolled_back" = 0 ]; then
+                summary="failed (exit $rc) before any pass: $mirror is as the last run left it${era:+ (era $era)}"
+                [ -e "$mirror" ] || summary="failed (exit $rc) before any pass: no mirror written yet"
             elif [ -n "$era" ] && [ "$era" != '?' ]; then
                 summary="failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
             else
                 summary="failed (exit $rc): $mirror has no recorded era yet; run again"
             fi
-            log "$summary"
+            [ "$locked_out" = 1 ] || log "$summary"
             case $rc in 129|130|143) summary="stopped by a signal; $summary" ;; esac
-            [ -z "$run_message" ] || summary="$run_message; $summary" ;;
+            [ -z "$run_message" ] || [ "$locked_out" = 1 ] || summary="$run_message; $summary" ;;
     esac
     RUN_START=$run_start RUN_END=$(date +%s.%N) RUN_SOURCE=$SOURCE_ID RUN_MIRROR=$mirror RUN_DIR=$run_dir \
         RUN_PASSES=$run_passes RUN_FROZEN=$run_frozen RUN_ERA_BEFORE=$run_era_before RUN_ERA_AFTER=${era//\?/} \
         RUN_VERIFIED=$run_verified RUN_REPAIRED=$run_repaired RUN_META_RATIO=$metadata_ratio RUN_EXIT=$rc \
-        RUN_MESSAGE=$summary python3 -c "$record_py" "$mirror.runs.jsonl" "$METRICS" ||
+        RUN_MESSAGE=$summary python3 -c "$record_py" "$mirror.runs.jsonl" "$metrics" ||
         log "error: cannot write the run's record to $mirror.runs.jsonl${METRICS:+ or $METRICS}"
     rm -rf -- "$run_dir"
     exit "$rc"
@@ -517,7 +564,7 @@ trap 'exit 143' TERM
 
 # One run at a time per mirror.
 exec 9>>"$mirror.lock"
-flock -n 9 || die "another backup.sh is running for $mirror"
+flock -n 9 || { locked_out=1; die "another backup.sh is running for $mirror"; }
 # An export, serve or verify of the mirror holds it shared, and apply would refuse it only after the data host was
 # frozen and copied from: say so before anything starts.
 if [ -e "$mirror" ] && ! flock -n "$mirror" true; then
@@ -532,6 +579,7 @@ run_era_before=$(mirror_era 2>/dev/null) || run_era_before=''
 last_undo=$(undo_files | tail -n 1)
 if [ -n "$last_undo" ] && ! python3 "$TOOL" info -i "$last_undo" >/dev/null 2>&1; then
     log "$last_undo is not a complete undo file: rolling back the pass that wrote it"
+    rolled_back=1
     python3 "$TOOL" rollback "$last_undo" "$mirror" ||
         die "cannot roll back with $last_undo (the line above says why). If it says the apply completed, $mirror is whole: move $last_undo out of the way (mv -- '$last_undo' '$last_undo.damaged') and run again"
     rm -f -- "$last_undo"
@@ -540,17 +588,29 @@ fi
 # One look at HOST before anything is copied: its kernel, how full the era device's metadata is, and whether it has
 # ionice and nice (one line for what it lacks).
 if [ "$REMOTE" = restricted ]; then
-    probe=$(gate status </dev/null) ||
+    # With MOUNTPOINT, the gate checks the final pass's freeze against its config now, not after the first passes.
+    freeze_check=
+    [ -z "$MOUNTPOINT" ] || freeze_check="--freeze $(q "$MOUNTPOINT") --freeze-timeout $(q "$FREEZE_TIMEOUT")"
+    probe=$(gate status "$freeze_check" </dev/null) ||
         die "cannot reach $HOST, or its ssh-gate refused (the line above says which; REMOTE=restricted needs era_tool.py ssh-gate as the forced command of this host's key there)"
 else
     # shellcheck disable=SC2016 # expanded on HOST
-    probe=$("${ssh_command[@]}" "$HOST" 'uname -r; dmsetup status '"$(q "$ERA_DEVICE")"' 2>&1 | head -n 1
-for c in ionice nice; do command -v "$c" >/dev/null 2>&1 && echo "$c"; done; true' </dev/null) ||
+    probe=$("${ssh_command[@]}" "$HOST" 'echo "era-probe kernel $(uname -r)"
+s=$(dmsetup status '"$(q "$ERA_DEVICE")"' 2>&1) || true
+l=$(printf "%s\n" "$s" | while IFS= read -r l; do case $l in [0-9]*" era "*) echo "$l"; break ;; esac; done)
+echo "era-probe status ${l:-$(printf "%s\n" "$s" | head -n 1)}"
+for c in ionice nice; do command -v "$c" >/dev/null 2>&1 && echo "era-probe have $c"; done; true' </dev/null) ||
         die "cannot reach $HOST (ssh failed)"
 fi
-kernel=$(sed -n 1p <<< "$probe")
-status=$(sed -n 2p <<< "$probe")
-have=$(sed -n '3,$p' <<< "$probe")
+# Tagged lines: a tool's warning in the output is not taken for an answer. A line with no tag comes from the login
+# itself (a shell start-up file that prints): it would corrupt every stream that follows, so say so now.
+stray=$(grep -v '^era-probe ' <<< "$probe" | grep -m 1 .) || true
+if [ -n "$probe" ] && grep -q -v '^era-probe ' <<< "$probe"; then
+    die "$HOST printed '${stray:0:80}' ahead of the answers over ssh: text from a login (a shell start-up file that prints, a banner on standard output) would corrupt every stream; make the login quiet for this user"
+fi
+kernel=$(sed -n 's/^era-probe kernel //p' <<< "$probe" | head -n 1)
+status=$(sed -n 's/^era-probe status //p' <<< "$probe" | head -n 1)
+have=$(sed -n 's/^era-probe have //p' <<< "$probe")
 if [[ $kernel =~ ^([0-9]+)\.([0-9]+) ]] && { [ "${BASH_REMATCH[1]}" -lt 5 ] ||
         { [ "${BASH_REMATCH[1]}" -eq 5 ] && [ "${BASH_REMATCH[2]}" -lt 12 ]; }; }; then
     [ "$ALLOW_OLD_KERNEL" = 1 ] ||

@@ -5265,8 +5265,9 @@ FREEZE_RECORD = "/run/era_tool-backup.%d"     # backup.sh's: whose freeze of st_
 DM_NAME = re.compile(r"\A[A-Za-z0-9_.+-]{1,127}\Z")   # what a config's ERA_DEVICE may be
 COMPRESSORS = {"gzip": ("gzip", "-1"), "zstd": ("zstd", "-1", "-q"),
                "lz4": ("lz4", "-1", "-q"), "xz": ("xz", "-1"), "none": ()}
-# backup.sh's IONICE, but gentle only: not the realtime class (1), above every other reader.
-IONICE_OPTIONS = re.compile(r"\A-c ?[23](?: -n ?[0-7])?\Z")
+# backup.sh's IONICE, gentle only: the idle class, or best effort with an optional level. Not the realtime
+# class (1), above every other reader, nor a level with the idle class (ionice ignores it, saying so each time).
+IONICE_OPTIONS = re.compile(r"\A(?:-c ?3|-c ?2(?: -n ?[0-7])?)\Z")
 
 
 class GateConfig:
@@ -5411,7 +5412,10 @@ def build_gate_parser():
         part.add_argument("--ionice", type=_ionice)
         part.add_argument("--nice", type=_niceness)
 
-    request("status")
+    status = request("status")
+    # The final pass's freeze, checked against the config before the first pass, not at the end.
+    status.add_argument("--freeze", metavar="MOUNTPOINT")
+    status.add_argument("--freeze-timeout", type=_seconds)
     estimate = request("estimate")
     estimate.add_argument("--since", type=_era, required=True)
     estimate.add_argument("--allow-old-kernel", action="store_true")
@@ -5472,23 +5476,30 @@ def gate_request(text, configs):
             raise GateRefused("copy takes one of --full, --since ERA and --resume TOKEN "
                               "(with --full for a first full copy)")
         if request.freeze is not None:
-            if config.mountpoint is None or \
-                    os.path.realpath(request.freeze) != os.path.realpath(config.mountpoint):
-                raise GateRefused("--freeze %s: the config of %s names %s as the mount point "
-                                  "to freeze" % (shown(request.freeze[:80]), config.era_device,
-                                                 shown(config.mountpoint or "none")))
             if request.since is None:
                 raise GateRefused("--freeze goes with --since: the final pass")
             if request.rate_limit or request.ionice or request.nice is not None:
                 raise GateRefused("--freeze takes no --rate-limit, --ionice or --nice: the pass "
                                   "under fsfreeze runs at full speed (the writers wait for it)")
-            if (request.freeze_timeout or 0) > config.freeze_timeout:
-                raise GateRefused("--freeze-timeout %d: the config of %s allows %d s at most"
-                                  % (request.freeze_timeout, config.era_device,
-                                     config.freeze_timeout))
-        elif request.freeze_timeout is not None:
-            raise GateRefused("--freeze-timeout goes with --freeze")
+    if request.request in ("copy", "status"):
+        _check_freeze(request, config)
     return request, config
+
+
+def _check_freeze(request, config):
+    """--freeze and --freeze-timeout of a request, against the config."""
+    if request.freeze is not None:
+        if config.mountpoint is None or \
+                os.path.realpath(request.freeze) != os.path.realpath(config.mountpoint):
+            raise GateRefused("--freeze %s: the config of %s names %s as the mount point "
+                              "to freeze" % (shown(request.freeze[:80]), config.era_device,
+                                             shown(config.mountpoint or "none")))
+        if (request.freeze_timeout or 0) > config.freeze_timeout:
+            raise GateRefused("--freeze-timeout %d: the config of %s allows %d s at most"
+                              % (request.freeze_timeout, config.era_device,
+                                 config.freeze_timeout))
+    elif request.freeze_timeout is not None:
+        raise GateRefused("--freeze-timeout goes with --freeze")
 
 
 class GateLog:
@@ -5799,17 +5810,21 @@ class Gate:
     # -- the requests
 
     def do_status(self):
-        """What backup.sh looks at first: the kernel, dmsetup status, ionice and nice."""
+        """What backup.sh looks at first: the kernel, dmsetup status, ionice and nice, in
+        tagged lines (backup.sh looks for the tags, so that a login banner is not taken for
+        an answer)."""
         import shutil
         try:
-            status = dmsetup("status", self.config.era_device).splitlines()[0]
-        except (EraError, IndexError) as exc:
+            lines = dmsetup("status", self.config.era_device).splitlines()
+            status = next((line for line in lines if line.split()[2:3] == ["era"]), None)
+            status = status or (lines[0] if lines else "no status")
+        except EraError as exc:
             status = str(exc) or "no status"
-        say(os.uname().release)
-        say(status)
+        say("era-probe kernel " + os.uname().release)
+        say("era-probe status " + status)
         for name in ("ionice", "nice"):
             if shutil.which(name):
-                say(name)
+                say("era-probe have " + name)
         return 0
 
     def do_estimate(self):
@@ -7202,7 +7217,7 @@ the data host's authorized_keys, one line (the backup host's key, only these req
   FREEZE_INTERVAL=900                 seconds from the start of one freeze to the next, at least
   GRANULARITY=128                     the era block size (default: from dmsetup table)
 requests (SSH_ORIGINAL_COMMAND; backup.sh's REMOTE=restricted sends them):
-  era_tool status ERA_DEVICE
+  era_tool status [--freeze MOUNTPOINT [--freeze-timeout S]] ERA_DEVICE
   era_tool estimate --since ERA [--allow-old-kernel] ERA_DEVICE
   era_tool copy (--full | --since ERA | --resume TOKEN [--full]) --source-id ID
       [--compress gzip|zstd|lz4|xz|none] [--freeze MOUNTPOINT [--freeze-timeout S]]

@@ -2219,8 +2219,16 @@ class TestBackupGently:
     @pytest.mark.parametrize("extra, message", [
         ("RATE_LIMIT=fast\n", "RATE_LIMIT must be bytes a second"),
         ("RATE_LIMIT=50M/s; rm -rf /\n", "RATE_LIMIT must be bytes a second"),
-        ("IONICE=-c3; reboot\n", "IONICE must be ionice's class options"),
-        ("IONICE=-c9\n", "IONICE must be ionice's class options"),
+        # What era_tool refuses on the data host is refused here, before anything runs.
+        ("RATE_LIMIT=0\n", "RATE_LIMIT must be bytes a second, at least 64K"),
+        ("RATE_LIMIT=1k\n", "RATE_LIMIT must be bytes a second, at least 64K"),
+        ("RATE_LIMIT=65535\n", "RATE_LIMIT must be bytes a second, at least 64K"),
+        ("RATE_LIMIT=%s\n" % ("9" * 20), "RATE_LIMIT must be bytes a second, at least 64K"),
+        ("RATE_LIMIT=9999999999G\n", "RATE_LIMIT must be bytes a second, at least 64K"),
+        ("IONICE=-c3; reboot\n", "IONICE must be ionice's idle class (-c3) or best effort"),
+        ("IONICE=-c9\n", "IONICE must be ionice's idle class (-c3) or best effort"),
+        ("IONICE=-c1\n", "IONICE must be ionice's idle class (-c3) or best effort"),
+        ("IONICE=-c3 -n7\n", "IONICE must be ionice's idle class (-c3) or best effort"),
         ("NICE=20\n", "NICE must be 0 to 19"),
         ("NICE=-5\n", "NICE must be 0 to 19"),
     ])
@@ -2465,6 +2473,34 @@ class TestBackupGuard:
         assert "era_tool.py copy" not in host.logged()
         assert not mirror.exists()
 
+    def test_a_login_that_prints_is_named_as_the_cause(self, tmp_path):
+        # A shell start-up file that prints on standard output corrupts every stream; by line
+        # number, its first line was taken for the kernel (an old one) and the next for the status.
+        host = FakeDataHost(tmp_path)
+        banner = write(tmp_path / "ssh-with-banner", (
+            "#!/bin/sh\necho '4.19.0 is what this host ran in 2019'\necho 'no era here'\n"
+            "exec %s \"$@\"\n" % host.ssh).encode())
+        os.chmod(str(banner), 0o755)
+        code, err, mirror = self.run(tmp_path, host, SSH=str(banner))
+        assert code == 1
+        assert "error: data1 printed '4.19.0 is what this host ran in 2019' ahead of the answers " \
+            "over ssh: text from a login" in err, err
+        assert "runs kernel" not in err and "not an era device" not in err
+        assert not mirror.exists() and "era_tool.py" not in host.logged()
+
+    def test_a_dmsetup_warning_is_not_taken_for_the_status(self, tmp_path):
+        host = FakeDataHost(tmp_path)
+        host.used = 1900          # 92%: a warning that only a status read right gives
+        host.write_dmsetup()
+        shebang, body = read(host.dmsetup).decode().split("\n", 1)
+        write(host.dmsetup, ("%s\necho 'WARNING: Udev support is not compiled in.' >&2\n%s"
+                             % (shebang, body)).encode())
+        code, err, mirror = self.run(tmp_path, host)
+        assert code == 0, err
+        assert "runs kernel" not in err and "not an era device" not in err
+        assert "warning: the metadata of data1:data_era is 92% full (1900 of 2048 blocks)" in err
+        assert read(mirror) == read(host.data)
+
     def test_not_an_era_device(self, tmp_path):
         host = FakeDataHost(tmp_path)
         code, err, mirror = self.run(tmp_path, host, ERA_DEVICE="nosuch", FILE="data_era.img")
@@ -2626,6 +2662,13 @@ class TestSshGate:
         ("era_tool copy --since 5 --source-id x --freeze=-- data_era", "--freeze=--: no request"),
         ("era_tool copy --since 5 --source-id x '--ionice=-c1' data_era",
          "is not ionice's idle or best-effort class"),
+        ("era_tool copy --since 5 --source-id x '--ionice=-c3 -n7' data_era",
+         "is not ionice's idle or best-effort class"),
+        ("era_tool status --freeze /etc data_era",
+         "--freeze /etc: the config of data_era names %(mnt)s as the mount point to freeze"),
+        ("era_tool status --freeze %(mnt)s --freeze-timeout 121 data_era",
+         "--freeze-timeout 121: the config of data_era allows 120 s at most"),
+        ("era_tool status --freeze-timeout 5 data_era", "--freeze-timeout goes with --freeze"),
     ]
 
     @pytest.mark.parametrize("command, reason", HOSTILE, ids=[c[:40] for c, _ in HOSTILE])
@@ -2818,6 +2861,32 @@ class TestSshGate:
         assert_one_line_error(result.stderr.decode(), "era_tool: error: config ", message)
         assert message in read(log).decode()
 
+    @pytest.mark.parametrize("config, setting, reason", [
+        (dict(), dict(MOUNTPOINT="%(mnt)s"),
+         "--freeze %(mnt)s: the config of data_era names none as the mount point to freeze"),
+        (dict(MOUNTPOINT="%(mnt)s"), dict(MOUNTPOINT="%(mnt)s/sub"),
+         "--freeze %(mnt)s/sub: the config of data_era names %(mnt)s as the mount point"),
+        (dict(MOUNTPOINT="%(mnt)s", FREEZE_TIMEOUT="60"), dict(MOUNTPOINT="%(mnt)s"),
+         "--freeze-timeout 120: the config of data_era allows 60 s at most"),
+    ])
+    def test_a_freeze_the_config_does_not_allow_stops_the_run_before_any_pass(
+            self, tmp_path, config, setting, reason):
+        # Found at the first look, not after a long unfrozen pass that leaves the mirror
+        # complete but not consistent.
+        mnt = str(tmp_path / "host")
+        (tmp_path / "host" / "sub").mkdir(parents=True)
+        gate = GateHost(tmp_path, **{k: v % {"mnt": mnt} for k, v in config.items()})
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        result = run_backup(tmp_path, gate.settings(backups, **{
+            k: v % {"mnt": mnt} for k, v in setting.items()}))
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert "era_tool: error: refused: " + reason % {"mnt": mnt} in err, err
+        assert "its ssh-gate refused" in err
+        assert [line.split()[1] for line in gate.asked()] == ["status"]
+        assert not (backups / "data_era.img").exists()
+
     def test_a_request_waits_for_the_one_before_it(self, tmp_path, monkeypatch, capsys):
         gate = GateHost(tmp_path)
         monkeypatch.setenv("PATH", "%s:%s" % (gate.host.root / "bin", os.environ["PATH"]))
@@ -2833,7 +2902,9 @@ class TestSshGate:
             os.close(held)
         assert era_tool.main(argv) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out == [os.uname().release, "0 4096 era 8 10/2048 5 -", "ionice", "nice"], out
+        assert out == ["era-probe kernel " + os.uname().release,
+                       "era-probe status 0 4096 era 8 10/2048 5 -",
+                       "era-probe have ionice", "era-probe have nice"], out
 
     @staticmethod
     def stop_gate(proc):
@@ -2989,14 +3060,111 @@ class TestRunRecords:
         assert "era_backup_metadata_used_ratio" not in samples       # never looked
 
     def test_a_run_that_finds_another_running(self, tmp_path):
+        # It changed nothing and looked at nothing: its record has no eras, and METRICS stays
+        # what the running one (here: the last) wrote, not a failure while a good run goes on.
         host, backups, metrics, settings = self.prepare(tmp_path)
+        assert run_backup(tmp_path, host.settings(backups, **settings)).returncode == 0
+        written = read(metrics)
+        calls = host.logged()
         with open(str(backups / "data_era.img.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             result = run_backup(tmp_path, host.settings(backups, **settings))
         assert result.returncode == 1
+        _, record = self.records(backups)
+        assert record["exit_code"] == 1
+        assert record["message"] == "error: another backup.sh is running for %s: this run " \
+            "changed nothing" % (backups / "data_era.img")
+        assert record["era_before"] is None and record["era_after"] is None
+        assert read(metrics) == written
+        assert host.logged() == calls
+        assert result.stderr.decode().count("\n") == 1, result.stderr.decode()
+
+    def test_a_run_that_fails_before_any_pass_says_the_mirror_is_as_it_was(self, tmp_path):
+        host, backups, metrics, settings = self.prepare(tmp_path)
+        result = run_backup(tmp_path, host.settings(backups, SSH="false", **settings))
+        assert result.returncode == 1
+        assert self.records(backups)[-1]["message"].endswith(
+            "failed (exit 1) before any pass: no mirror written yet")
+        assert run_backup(tmp_path, host.settings(backups, **settings)).returncode == 0
+        result = run_backup(tmp_path, host.settings(backups, SSH="false", **settings))
+        assert result.returncode == 1
+        record = self.records(backups)[-1]
+        assert record["message"] == "error: cannot reach data1 (ssh failed); failed (exit 1) " \
+            "before any pass: %s is as the last run left it (era 5)" % (backups / "data_era.img")
+        assert "not a consistent image" not in result.stderr.decode()
+
+    def test_a_full_disk_cuts_a_record_but_not_the_next_one_nor_the_metrics(
+            self, tmp_path, small_filesystem):
+        # The runs file on a disk that fills: the record that does not fit is cut, and said so;
+        # METRICS (elsewhere) still gets the failed run; the next record, once there is room,
+        # starts on a line of its own instead of joining the cut one.
+        host, _, metrics, settings = self.prepare(tmp_path)
+        backups = small_filesystem("4M")
+        assert run_backup(tmp_path, host.settings(backups, **settings)).returncode == 0
+        runs = backups / "data_era.img.runs.jsonl"
+        first = read(runs)
+        success = parse_metrics(read(metrics).decode())["era_backup_last_success_timestamp_seconds"]
+        # Earlier runs' records up to near the end of a page: the next one crosses it.
+        write(runs, first * ((4096 - 100) // len(first)))
+        filler = backups / "filler"
+        fd = os.open(str(filler), os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        result = run_backup(tmp_path, host.settings(backups, SSH="false", **settings))
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert "cannot append to %s: only part of the record was written" % runs in err, err
+        assert "error: cannot write the run's record to %s" % runs in err
+        samples = parse_metrics(read(metrics).decode())
+        assert samples["era_backup_last_exit_code"][1] == 1
+        assert samples["era_backup_last_success_timestamp_seconds"] == success
+        cut = read(runs).splitlines()[-1]
+        with pytest.raises(ValueError):
+            json.loads(cut.decode())
+        os.unlink(str(filler))
+        result = run_backup(tmp_path, host.settings(backups, **settings))
+        assert result.returncode == 0, result.stderr.decode()
+        lines = read(runs).splitlines()
+        assert lines[-2] == cut
+        last = json.loads(lines[-1].decode())
+        assert last["exit_code"] == 0 and last["era_before"] == 5
+        assert parse_metrics(read(metrics).decode())[
+            "era_backup_last_success_timestamp_seconds"][1] == \
+            pytest.approx(datetime_of(last["end"]), abs=0.02)
+
+    def test_metrics_naming_a_directory_is_a_setting_error(self, tmp_path):
+        host, backups, metrics, _ = self.prepare(tmp_path)
+        result = run_backup(tmp_path, host.settings(backups, METRICS=str(metrics.parent)))
+        assert result.returncode == 1
+        assert "METRICS %s is a directory: name the textfile in it" % metrics.parent \
+            in result.stderr.decode()
+        assert host.logged() == "" and os.listdir(str(metrics.parent)) == []
+
+    def test_a_non_ascii_source_id_in_an_ascii_locale_on_the_oldest_python(self, tmp_path):
+        # Python 3.6 under LANG=C (no UTF-8 mode) keeps non-ASCII bytes of the environment
+        # as lone surrogates: the record and the metrics must still be whole UTF-8.
+        oldest = [path for path in INTERPRETERS if (interpreter_version(path) or ())[:2] == (3, 6)]
+        if not oldest:
+            if IN_CI:
+                pytest.fail("no CPython 3.6 here: CI needs one")
+            pytest.skip("no CPython 3.6 here")
+        host, backups, metrics, settings = self.prepare(tmp_path, SOURCE_ID="données:sdb")
+        local = tmp_path / "local-bin"
+        local.mkdir()
+        os.symlink(oldest[0], str(local / "python3"))
+        env = dict(LANG="C", LC_ALL="C", PATH="%s:%s" % (local, os.environ["PATH"]))
+        env.pop("PYTHONIOENCODING", None)
+        result = run_backup(tmp_path, host.settings(backups, **settings), env=env)
+        assert result.returncode == 0, result.stderr.decode()
         record, = self.records(backups)
-        assert record["exit_code"] == 1 and "another backup.sh is running" in record["message"]
-        assert host.logged() == ""
+        assert record["source_id"] == "données:sdb" and "données:sdb" in record["message"]
+        samples = parse_metrics(read(metrics).decode("utf-8"))
+        assert samples["era_backup_last_exit_code"] == ("données:sdb", 0)
 
     def test_a_repair_exits_3_and_says_so(self, tmp_path):
         host, backups, metrics, settings = self.prepare(tmp_path, VERIFY="ALWAYS")
@@ -3024,12 +3192,16 @@ class TestRunRecords:
         proc = subprocess.Popen(["bash", BACKUP, path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         wait_until(lambda: "copy --full" in host.logged())
+        # Until the first chunks are through the compressor and in the mirror.
+        wait_until(lambda: os.path.exists(str(backups / "data_era.img")))
         time.sleep(1)
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 143, err.decode()
         record, = self.records(backups)
         assert record["exit_code"] == 143 and record["passes"] == 1
+        # What went through before the stop is counted, though the counters got SIGTERM too.
+        assert record["bytes_sent"] > 0 and record["bytes_applied"] > 0, record
         assert record["message"].startswith("stopped by a signal; failed (exit 143): ")
         assert "the next run resumes it" in record["message"] or "no recorded era" in \
             record["message"]
