@@ -362,9 +362,14 @@ if r and s.get("resume_token"):
 count_into() {
     python3 -c 'import os, signal, sys
 count = 0
-# A stopped run (systemctl stop, a hangup) still counts what went through: the signal ends the loop, not the process.
+# A stopped run (systemctl stop, a hangup) still counts what went through: the signal ends the loop, not the process,
+# and a second one (SIGHUP after SIGTERM) does not cut the writing of the count short.
+def stop(signum, frame):
+    for number in signal.SIGTERM, signal.SIGHUP:
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(128 + signum)
 for number in signal.SIGTERM, signal.SIGHUP:
-    signal.signal(number, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(number, stop)
 try:
     while True:
         piece = os.read(0, 1 << 20)
@@ -372,8 +377,9 @@ try:
             break
         view = memoryview(piece)
         while view:
-            view = view[os.write(1, view):]
-        count += len(piece)
+            written = os.write(1, view)
+            count += written
+            view = view[written:]
 except OSError:
     sys.exit(1)
 finally:
@@ -538,7 +544,8 @@ on_exit() {
             elif [ -n "$(mirror_resume 2>/dev/null)" ]; then
                 summary="failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
             elif [ "$run_passes" = 0 ] && [ "$rolled_back" = 0 ]; then
-                summary="failed (exit $rc) before any pass: $mirror is as the last run left it${era:+ (era $era)}"
+                summary="failed (exit $rc) before any pass: $mirror is as the last run left it"
+                [[ ! $era =~ ^[0-9]+$ ]] || summary+=" (era $era)"
                 [ -e "$mirror" ] || summary="failed (exit $rc) before any pass: no mirror written yet"
             elif [ -n "$era" ] && [ "$era" != '?' ]; then
                 summary="failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
@@ -592,7 +599,7 @@ if [ "$REMOTE" = restricted ]; then
     freeze_check=
     [ -z "$MOUNTPOINT" ] || freeze_check="--freeze $(q "$MOUNTPOINT") --freeze-timeout $(q "$FREEZE_TIMEOUT")"
     probe=$(gate status "$freeze_check" </dev/null) ||
-        die "cannot reach $HOST, or its ssh-gate refused (the line above says which; REMOTE=restricted needs era_tool.py ssh-gate as the forced command of this host's key there)"
+        die "cannot reach $HOST, or its ssh-gate refused (the line above says which; REMOTE=restricted needs era_tool.py ssh-gate as the forced command of this host's key there, the same era_tool.py as here)"
 else
     # shellcheck disable=SC2016 # expanded on HOST
     probe=$("${ssh_command[@]}" "$HOST" 'echo "era-probe kernel $(uname -r)"
@@ -604,9 +611,13 @@ for c in ionice nice; do command -v "$c" >/dev/null 2>&1 && echo "era-probe have
 fi
 # Tagged lines: a tool's warning in the output is not taken for an answer. A line with no tag comes from the login
 # itself (a shell start-up file that prints): it would corrupt every stream that follows, so say so now.
-stray=$(grep -v '^era-probe ' <<< "$probe" | grep -m 1 .) || true
+if [ "$REMOTE" = restricted ] && ! grep -q '^era-probe ' <<< "$probe"; then
+    die "$HOST's ssh-gate answers in an older form than this backup.sh reads: install the same era_tool.py on both hosts"
+fi
 if [ -n "$probe" ] && grep -q -v '^era-probe ' <<< "$probe"; then
-    die "$HOST printed '${stray:0:80}' ahead of the answers over ssh: text from a login (a shell start-up file that prints, a banner on standard output) would corrupt every stream; make the login quiet for this user"
+    stray=$(grep -v -m 1 '^era-probe ' <<< "$probe") || true
+    [ -n "$stray" ] && stray="'${stray:0:80}'" || stray='an empty line'
+    die "$HOST printed $stray ahead of the answers over ssh: text from a login (a shell start-up file that prints, a banner on standard output) would corrupt every stream; make the login quiet for this user"
 fi
 kernel=$(sed -n 's/^era-probe kernel //p' <<< "$probe" | head -n 1)
 status=$(sed -n 's/^era-probe status //p' <<< "$probe" | head -n 1)

@@ -5313,6 +5313,37 @@ class GateConfig:
                        % (GATE_MAX_INTERVAL, shown(interval[:20])))
         self.freeze_interval = int(interval)
 
+    @staticmethod
+    def check_directories(path):
+        """Refuse a config in a directory others may change: they could put another config in
+        its place.  Every directory above the path as given, above each link on the way and
+        above the file it resolves to (a link may be swapped as well as a file) must be root's
+        or ours, and not writable by group or others, unless sticky (/tmp: others may add
+        names, not replace ours)."""
+        seen = set()
+        starts, link = [], os.path.abspath(path)
+        for _ in range(40):                    # each link on the way, as the kernel follows them
+            starts.append(link)
+            if not os.path.islink(link):
+                break
+            link = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+        for start in starts + [os.path.realpath(path)]:
+            directory = os.path.dirname(start)
+            while directory not in seen:
+                seen.add(directory)
+                try:
+                    info = os.stat(directory)
+                except OSError as exc:
+                    raise EraError("cannot look at %s, above the config: %s"
+                                   % (shown(directory), exc.strerror or exc)) from None
+                if info.st_uid not in (0, os.geteuid()) or \
+                        (info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX):
+                    raise EraError("config %s is in %s, which others may change (owner uid %d, "
+                                   "mode %o): they could put another config in its place"
+                                   % (shown(path), shown(directory), info.st_uid,
+                                      stat.S_IMODE(info.st_mode)))
+                directory = os.path.dirname(directory)
+
     @classmethod
     def load(cls, path):
         try:
@@ -5327,6 +5358,7 @@ class GateConfig:
             raise EraError("config %s may be changed by others (owner uid %d, mode %o): make it "
                            "root's and not writable by group or others (chmod go-w)"
                            % (shown(path), info.st_uid, stat.S_IMODE(info.st_mode)))
+        cls.check_directories(path)
         if len(data) > GATE_MAX_CONFIG:
             raise EraError("config %s: longer than %d bytes" % (shown(path), GATE_MAX_CONFIG))
         try:
@@ -5979,13 +6011,15 @@ def _rate(text):
 
 
 def _source_id(text):
-    if len(text.encode("utf-8", "surrogateescape")) > MAX_SOURCE_ID:
+    # Read as UTF-8 whatever the locale: Python 3.6 under LANG=C decodes the command line as
+    # ASCII, keeping the other bytes as lone surrogates, which surrogateescape gives back.
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_SOURCE_ID:
         raise argparse.ArgumentTypeError("longer than %d bytes" % MAX_SOURCE_ID)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("not valid UTF-8")
-    return text
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
 
 
 @functools.lru_cache(maxsize=None)

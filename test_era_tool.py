@@ -2473,18 +2473,22 @@ class TestBackupGuard:
         assert "era_tool.py copy" not in host.logged()
         assert not mirror.exists()
 
-    def test_a_login_that_prints_is_named_as_the_cause(self, tmp_path):
+    @pytest.mark.parametrize("banner, shown", [
+        ("echo '4.19.0 is what this host ran in 2019'; echo 'no era here'",
+         "'4.19.0 is what this host ran in 2019'"),
+        ("echo", "an empty line"),
+    ])
+    def test_a_login_that_prints_is_named_as_the_cause(self, tmp_path, banner, shown):
         # A shell start-up file that prints on standard output corrupts every stream; by line
         # number, its first line was taken for the kernel (an old one) and the next for the status.
         host = FakeDataHost(tmp_path)
-        banner = write(tmp_path / "ssh-with-banner", (
-            "#!/bin/sh\necho '4.19.0 is what this host ran in 2019'\necho 'no era here'\n"
-            "exec %s \"$@\"\n" % host.ssh).encode())
-        os.chmod(str(banner), 0o755)
-        code, err, mirror = self.run(tmp_path, host, SSH=str(banner))
+        ssh = write(tmp_path / "ssh-with-banner", (
+            "#!/bin/sh\n%s\nexec %s \"$@\"\n" % (banner, host.ssh)).encode())
+        os.chmod(str(ssh), 0o755)
+        code, err, mirror = self.run(tmp_path, host, SSH=str(ssh))
         assert code == 1
-        assert "error: data1 printed '4.19.0 is what this host ran in 2019' ahead of the answers " \
-            "over ssh: text from a login" in err, err
+        assert "error: data1 printed %s ahead of the answers over ssh: text from a login" % shown \
+            in err, err
         assert "runs kernel" not in err and "not an era device" not in err
         assert not mirror.exists() and "era_tool.py" not in host.logged()
 
@@ -2795,6 +2799,40 @@ class TestSshGate:
         header = era_tool.StreamHeader.read(_BytesInput(result.stdout))
         assert header.source_id == "--output=%s" % owned
 
+    @pytest.mark.parametrize("how", ["group-writable", "others'", "a link in an open directory",
+                                     "sticky"])
+    def test_a_config_in_a_directory_others_may_change_is_refused(self, tmp_path, how):
+        # Whoever may rename in a directory above the config may put another config there.
+        gate = GateHost(tmp_path)
+        place = tmp_path / "etc"
+        place.mkdir()
+        os.rename(str(gate.config), str(place / "gate.conf"))
+        given = place / "gate.conf"
+        if how == "group-writable":
+            os.chmod(str(place), 0o775)
+        elif how == "others'":
+            os.chown(str(place), 1000, 1000)
+        elif how == "a link in an open directory":
+            shared = tmp_path / "shared"
+            shared.mkdir()
+            os.chmod(str(shared), 0o777)
+            os.symlink(str(place / "gate.conf"), str(shared / "gate.conf"))
+            given = shared / "gate.conf"
+        else:
+            os.chmod(str(place), 0o1777)    # as /tmp: others may add names, not replace ours
+        os.symlink(str(given), str(gate.config))
+        result = gate.ask("era_tool status data_era")
+        if how == "sticky":
+            assert result.returncode == 0, result.stderr.decode()
+            return
+        assert result.returncode == 1
+        where = {"group-writable": (place, "uid 0, mode 775"), "others'": (place, "uid 1000, mode 755"),
+                 "a link in an open directory": (tmp_path / "shared", "uid 0, mode 777")}[how]
+        assert_one_line_error(result.stderr.decode(), "era_tool: error: config %s is in %s, which "
+                              "others may change (owner %s): they could put another config in "
+                              "its place" % (gate.config, where[0], where[1]))
+        assert gate.host.logged().count("dmsetup") == 0
+
     def test_a_config_others_may_change_is_refused(self, tmp_path):
         gate = GateHost(tmp_path)
         os.chmod(str(gate.config), 0o664)
@@ -2805,14 +2843,10 @@ class TestSshGate:
         assert gate.host.logged().count("dmsetup") == 0
 
     def test_the_gate_on_the_oldest_python(self, tmp_path):
-        oldest = [path for path in INTERPRETERS if (interpreter_version(path) or ())[:2] == (3, 6)]
-        if not oldest:
-            if IN_CI:
-                pytest.fail("no CPython 3.6 here: CI needs one")
-            pytest.skip("no CPython 3.6 here")
+        oldest = oldest_python()
         gate = GateHost(tmp_path, MOUNTPOINT=str(tmp_path / "host"))
         host = gate.host
-        host.script("python3", 'echo "python3 $*" >> %s\nexec %s "$@"' % (host.calls, oldest[0]))
+        host.script("python3", 'echo "python3 $*" >> %s\nexec %s "$@"' % (host.calls, oldest))
         backups = tmp_path / "backups"
         backups.mkdir()
         settings = gate.settings(backups, MOUNTPOINT=str(host.root), RATE_LIMIT="4M",
@@ -2886,6 +2920,24 @@ class TestSshGate:
         assert "its ssh-gate refused" in err
         assert [line.split()[1] for line in gate.asked()] == ["status"]
         assert not (backups / "data_era.img").exists()
+
+    def test_a_gate_older_than_backup_sh_is_named(self, tmp_path):
+        # A gate from before the tagged answers (the data host not upgraded with the backup
+        # host): its kernel line is not taken for a login banner.
+        gate = GateHost(tmp_path)
+        old = write(tmp_path / "old-gate-ssh", (
+            "#!/bin/sh\nprintf '%%s\\n' 6.1.0-27-amd64 '0 4096 era 8 10/2048 5 -' ionice nice\n"
+            "printf '%%s\\n' \"$2\" >> %s\n" % gate.requests).encode())
+        os.chmod(str(old), 0o755)
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        result = run_backup(tmp_path, gate.settings(backups, SSH=str(old)))
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert "error: data1's ssh-gate answers in an older form than this backup.sh reads: " \
+            "install the same era_tool.py on both hosts" in err, err
+        assert "printed" not in err
+        assert [line.split()[1] for line in gate.asked()] == ["status"]
 
     def test_a_request_waits_for_the_one_before_it(self, tmp_path, monkeypatch, capsys):
         gate = GateHost(tmp_path)
@@ -3092,6 +3144,11 @@ class TestRunRecords:
         assert record["message"] == "error: cannot reach data1 (ssh failed); failed (exit 1) " \
             "before any pass: %s is as the last run left it (era 5)" % (backups / "data_era.img")
         assert "not a consistent image" not in result.stderr.decode()
+        write(backups / "data_era.img.era", b"damaged")         # an era no one can read
+        result = run_backup(tmp_path, host.settings(backups, SSH="false", **settings))
+        assert result.returncode == 1
+        assert self.records(backups)[-1]["message"].endswith(
+            "before any pass: %s is as the last run left it" % (backups / "data_era.img"))
 
     def test_a_full_disk_cuts_a_record_but_not_the_next_one_nor_the_metrics(
             self, tmp_path, small_filesystem):
@@ -3148,15 +3205,11 @@ class TestRunRecords:
     def test_a_non_ascii_source_id_in_an_ascii_locale_on_the_oldest_python(self, tmp_path):
         # Python 3.6 under LANG=C (no UTF-8 mode) keeps non-ASCII bytes of the environment
         # as lone surrogates: the record and the metrics must still be whole UTF-8.
-        oldest = [path for path in INTERPRETERS if (interpreter_version(path) or ())[:2] == (3, 6)]
-        if not oldest:
-            if IN_CI:
-                pytest.fail("no CPython 3.6 here: CI needs one")
-            pytest.skip("no CPython 3.6 here")
+        oldest = oldest_python()
         host, backups, metrics, settings = self.prepare(tmp_path, SOURCE_ID="données:sdb")
         local = tmp_path / "local-bin"
         local.mkdir()
-        os.symlink(oldest[0], str(local / "python3"))
+        os.symlink(oldest, str(local / "python3"))
         env = dict(LANG="C", LC_ALL="C", PATH="%s:%s" % (local, os.environ["PATH"]))
         env.pop("PYTHONIOENCODING", None)
         result = run_backup(tmp_path, host.settings(backups, **settings), env=env)
@@ -3206,6 +3259,28 @@ class TestRunRecords:
         assert "the next run resumes it" in record["message"] or "no recorded era" in \
             record["message"]
         assert parse_metrics(read(metrics).decode())["era_backup_last_exit_code"][1] == 143
+
+    def test_the_byte_counter_counts_through_two_signals(self, tmp_path):
+        # systemd may send SIGHUP right after SIGTERM: the second must not cut the first's
+        # writing of the count short (an empty count file is 0 bytes in the record).
+        source = read(BACKUP).decode()
+        function = source[source.index("\ncount_into() {"):]
+        function = function[:function.index("\n}\n") + 3]
+        for trial in range(10):
+            count = tmp_path / ("count.%d" % trial)
+            proc = subprocess.Popen(["bash", "-c", function + 'count_into "$1"', "bash",
+                                     str(count)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, start_new_session=True)
+            proc.stdin.write(b"x" * 100000)
+            proc.stdin.flush()
+            wait_until(lambda: pipe_unread(proc.stdin) == 0)
+            time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGHUP)
+            proc.wait(timeout=20)
+            wait_until(lambda: not group_alive(proc.pid))
+            assert read(count) == b"100000\n", trial
+            proc.stdin.close()
 
     def test_sigkill_never_leaves_a_half_written_metrics_file(self, tmp_path):
         # SIGKILL at random moments of runs: the file is always a whole one (the last run's or
@@ -4170,6 +4245,24 @@ class TestBounds:
         assert run_cli(["apply", "-i", stream, mirror], env=env).returncode == 0
         result = run_cli(["info", mirror], env=env)
         assert result.returncode == 0, result.stderr
+
+    def test_a_non_ascii_source_id_in_an_ascii_locale_on_the_oldest_python(self, tmp_path):
+        # Python 3.6 under LC_ALL=C decodes the command line as ASCII (lone surrogates for the
+        # rest): the id must still be taken, and written as the UTF-8 it was given in.
+        source = write(tmp_path / "src", random_bytes(2 * BLOCK, 225))
+        xml = write(tmp_path / "l.xml", blocks_xml([(0, 2)]))
+        stream = tmp_path / "s.stream"
+        env = dict(os.environ, LC_ALL="C", LANG="C")
+        env.pop("PYTHONIOENCODING", None)
+        result = subprocess.run([oldest_python(), TOOL, "copy", "-i", str(xml), "-o", str(stream),
+                                 "--source-id", "h\u00f6st:root", str(BLOCK_SECTORS), str(source)],
+                                env=env, stderr=subprocess.PIPE, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert era_tool.StreamHeader.read(_BytesInput(read(stream))).source_id == "h\u00f6st:root"
+        result = subprocess.run([oldest_python(), TOOL, "copy", "-i", str(xml), "-o",
+                                 str(tmp_path / "bad"), b"--source-id=h\xf6st", str(BLOCK_SECTORS),
+                                 str(source)], env=env, stderr=subprocess.PIPE, timeout=60)
+        assert result.returncode == 2 and b"not valid UTF-8" in result.stderr
 
     def test_created_past_any_date(self, tmp_path, capsys):
         header = era_tool.StreamHeader(BLOCK, BLOCK, BLOCK_SECTORS, created=1 << 60)
@@ -5626,6 +5719,16 @@ def interpreter_version(path):
 
 
 INTERPRETERS = interpreter_candidates()
+
+
+def oldest_python():
+    """The path of a CPython 3.6 (the oldest the tool runs on); CI must have one."""
+    oldest = [path for path in INTERPRETERS if (interpreter_version(path) or ())[:2] == (3, 6)]
+    if not oldest:
+        if IN_CI:
+            pytest.fail("no CPython 3.6 here: CI needs one")
+        pytest.skip("no CPython 3.6 here")
+    return oldest[0]
 
 # The matrix pins the wall clock, the tool's only source of bytes that change from run
 # to run (a header's created, a state's applied): the runner sets time.time, then runs
