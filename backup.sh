@@ -121,16 +121,16 @@ done
 [ "$MAX_PASSES" -ge 1 ] || die "MAX_PASSES must be at least 1"
 [ "$VERIFY" = ALWAYS ] || [[ $VERIFY =~ ^[0-9]+$ ]] || die "VERIFY must be ALWAYS, a number of runs or 0, not '$VERIFY'"
 [ "$VERIFY_SLICE" -ge 1 ] || die "VERIFY_SLICE must be at least 1"
-[ -z "$RATE_LIMIT" ] || [[ $RATE_LIMIT =~ ^[0-9]+[KMGkmg]?$ ]] || die "RATE_LIMIT must be bytes a second, e.g. 50M, not '$RATE_LIMIT'"
 # The idle class, or best effort with an optional level: the real-time class is the opposite of gentle, and
 # ionice ignores a level given with the idle class (and says so at every pass).
 [ -z "$IONICE" ] || [[ $IONICE =~ ^(-c\ ?3|-c\ ?2(\ -n\ ?[0-7])?)$ ]] || die "IONICE must be ionice's idle class (-c3) or best effort (-c2, or -c2 -n7), not '$IONICE'"
 [ -z "$NICE" ] || { [[ $NICE =~ ^[0-9]+$ ]] && [ "$NICE" -le 19 ]; } || die "NICE must be 0 to 19, not '$NICE'"
 case $ALLOW_OLD_KERNEL in 0|1) ;; *) die "ALLOW_OLD_KERNEL must be 0 or 1, not '$ALLOW_OLD_KERNEL'" ;; esac
 [ -r "$TOOL" ] || die "cannot read TOOL $TOOL"
-# The limit era_tool takes (at least 64K, no more than it can count), by era_tool's own rule: a value it refuses
-# would otherwise fail every limited pass on HOST.
-if [ -n "$RATE_LIMIT" ] && ! python3 "$TOOL" copy "--rate-limit=$RATE_LIMIT" --help >/dev/null 2>&1; then
+# Digits and a suffix only (no shell text), and a limit era_tool takes (at least 64K, no more than it can count) by
+# era_tool's own rule: a value it refuses would otherwise fail every limited pass on HOST.
+if [ -n "$RATE_LIMIT" ] && { [[ ! $RATE_LIMIT =~ ^[0-9]+[KMGkmg]?$ ]] ||
+        ! python3 "$TOOL" copy "--rate-limit=$RATE_LIMIT" --help >/dev/null 2>&1; }; then
     die "RATE_LIMIT must be bytes a second, at least 64K (K, M, G: powers of 1024), e.g. 50M, not '$RATE_LIMIT'"
 fi
 [ -d "$DIR" ] || die "DIR $DIR is not a directory"
@@ -534,28 +534,30 @@ on_exit() {
         run_frozen=$(awk -v a="$frozen_began" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
     fi
     era=$(mirror_era 2>/dev/null) || era='?'
-    # A run locked out by a running one touched nothing: its record says so, without eras (the mirror is the other
-    # run's), and METRICS stays the other run's to write.
-    [ "$locked_out" = 0 ] || era='' metrics=''
-    case $rc in
-        0|3) summary=$run_message ;;
-        *)  if [ "$locked_out" = 1 ]; then
-                summary="$run_message: this run changed nothing"
-            elif [ -n "$(mirror_resume 2>/dev/null)" ]; then
-                summary="failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
-            elif [ "$run_passes" = 0 ] && [ "$rolled_back" = 0 ]; then
-                summary="failed (exit $rc) before any pass: $mirror is as the last run left it"
-                [[ ! $era =~ ^[0-9]+$ ]] || summary+=" (era $era)"
-                [ -e "$mirror" ] || summary="failed (exit $rc) before any pass: no mirror written yet"
-            elif [ -n "$era" ] && [ "$era" != '?' ]; then
-                summary="failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
-            else
-                summary="failed (exit $rc): $mirror has no recorded era yet; run again"
-            fi
-            [ "$locked_out" = 1 ] || log "$summary"
-            case $rc in 129|130|143) summary="stopped by a signal; $summary" ;; esac
-            [ -z "$run_message" ] || [ "$locked_out" = 1 ] || summary="$run_message; $summary" ;;
-    esac
+    if [ "$locked_out" = 1 ]; then
+        # A run locked out by a running one touched nothing: its record says so, without eras (the mirror is the
+        # other run's), and METRICS stays the other run's to write.
+        era='' metrics='' summary="$run_message: this run changed nothing"
+    else
+        case $rc in
+            0|3) summary=$run_message ;;
+            *)  if [ -n "$(mirror_resume 2>/dev/null)" ]; then
+                    summary="failed (exit $rc): the pass stopped midway and its progress is recorded; the next run resumes it"
+                elif [ "$run_passes" = 0 ] && [ "$rolled_back" = 0 ] && [ ! -e "$mirror" ]; then
+                    summary="failed (exit $rc) before any pass: no mirror written yet"
+                elif [ "$run_passes" = 0 ] && [ "$rolled_back" = 0 ]; then
+                    summary="failed (exit $rc) before any pass: $mirror is as the last run left it"
+                    [[ ! $era =~ ^[0-9]+$ ]] || summary+=" (era $era)"
+                elif [ -n "$era" ] && [ "$era" != '?' ]; then
+                    summary="failed (exit $rc): $mirror holds era $era, complete but not a consistent image; run again"
+                else
+                    summary="failed (exit $rc): $mirror has no recorded era yet; run again"
+                fi
+                log "$summary"
+                case $rc in 129|130|143) summary="stopped by a signal; $summary" ;; esac
+                [ -z "$run_message" ] || summary="$run_message; $summary" ;;
+        esac
+    fi
     RUN_START=$run_start RUN_END=$(date +%s.%N) RUN_SOURCE=$SOURCE_ID RUN_MIRROR=$mirror RUN_DIR=$run_dir \
         RUN_PASSES=$run_passes RUN_FROZEN=$run_frozen RUN_ERA_BEFORE=$run_era_before RUN_ERA_AFTER=${era//\?/} \
         RUN_VERIFIED=$run_verified RUN_REPAIRED=$run_repaired RUN_META_RATIO=$metadata_ratio RUN_EXIT=$rc \
@@ -614,8 +616,7 @@ fi
 if [ "$REMOTE" = restricted ] && ! grep -q '^era-probe ' <<< "$probe"; then
     die "$HOST's ssh-gate answers in an older form than this backup.sh reads: install the same era_tool.py on both hosts"
 fi
-if [ -n "$probe" ] && grep -q -v '^era-probe ' <<< "$probe"; then
-    stray=$(grep -v -m 1 '^era-probe ' <<< "$probe") || true
+if [ -n "$probe" ] && stray=$(grep -v -m 1 '^era-probe ' <<< "$probe"); then
     [ -n "$stray" ] && stray="'${stray:0:80}'" || stray='an empty line'
     die "$HOST printed $stray ahead of the answers over ssh: text from a login (a shell start-up file that prints, a banner on standard output) would corrupt every stream; make the login quiet for this user"
 fi

@@ -5444,10 +5444,13 @@ def build_gate_parser():
         part.add_argument("--ionice", type=_ionice)
         part.add_argument("--nice", type=_niceness)
 
-    status = request("status")
-    # The final pass's freeze, checked against the config before the first pass, not at the end.
-    status.add_argument("--freeze", metavar="MOUNTPOINT")
-    status.add_argument("--freeze-timeout", type=_seconds)
+    def freezing(part):
+        part.add_argument("--freeze", metavar="MOUNTPOINT")
+        part.add_argument("--freeze-timeout", type=_seconds)
+
+    # status takes the final pass's freeze too: checked against the config before the first
+    # pass, not at the end.
+    freezing(request("status"))
     estimate = request("estimate")
     estimate.add_argument("--since", type=_era, required=True)
     estimate.add_argument("--allow-old-kernel", action="store_true")
@@ -5457,8 +5460,7 @@ def build_gate_parser():
     copy.add_argument("--resume", type=_token)
     copy.add_argument("--source-id", type=_source_id, required=True)
     copy.add_argument("--compress", choices=sorted(COMPRESSORS), default="none")
-    copy.add_argument("--freeze", metavar="MOUNTPOINT")
-    copy.add_argument("--freeze-timeout", type=_seconds)
+    freezing(copy)
     copy.add_argument("--allow-old-kernel", action="store_true")
     gently(copy)
     sum_ = request("sum")

@@ -3211,7 +3211,6 @@ class TestRunRecords:
         local.mkdir()
         os.symlink(oldest, str(local / "python3"))
         env = dict(LANG="C", LC_ALL="C", PATH="%s:%s" % (local, os.environ["PATH"]))
-        env.pop("PYTHONIOENCODING", None)
         result = run_backup(tmp_path, host.settings(backups, **settings), env=env)
         assert result.returncode == 0, result.stderr.decode()
         record, = self.records(backups)
